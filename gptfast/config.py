@@ -1,0 +1,301 @@
+"""Run configuration: one dataclass per TOML section, strict loading, CLI overrides.
+
+A config file maps 1:1 onto `Config`: `[model]` -> `ModelConfig`, `[data]` -> `DataConfig`, and so
+on. Precedence is CLI (`--section.key=value`) > TOML > the defaults below. Unknown keys, wrong types
+and impossible values raise `ConfigError` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptfast.errors import ConfigError
+
+# GPT-2's embedding is padded to a multiple of this so the lm_head matmul gets tensor-core
+# friendly shapes (50257 -> 50304); the padded rows are never a target and are masked from the loss.
+VOCAB_PAD_MULTIPLE = 64
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _field(default, doc: str):
+    """A dataclass field carrying a one-line doc, quoted in error messages."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = _field(12, "number of transformer blocks")
+    n_head: int = _field(12, "attention heads per block")
+    n_embd: int = _field(768, "model width (residual stream size)")
+    block_size: int = _field(1024, "context length in tokens")
+    vocab_size: int = _field(50257, "tokenizer vocabulary size (GPT-2 BPE: 50257)")
+    dropout: float = _field(0.0, "dropout probability in [0, 1); 0 for pretraining")
+    bias: bool = _field(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _field("stdlib", "prepared dataset name: data_dir/<dataset>/{train,val}.bin")
+    data_dir: str = _field("data", "folder holding prepared datasets")
+    auto_prepare: bool = _field(True, "prepare a missing dataset whose recipe needs no arguments")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _field(6e-4, "peak learning rate, reached after warmup")
+    min_lr: float = _field(6e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _field(700, "optimizer steps of linear warmup from 0 to lr")
+    lr_decay_steps: int = _field(19073, "optimizer step at which the cosine decay reaches min_lr")
+    weight_decay: float = _field(0.1, "decoupled weight decay, applied to 2-D weights only")
+    betas: tuple[float, float] = _field((0.9, 0.95), "AdamW (beta1, beta2)")
+    eps: float = _field(1e-8, "AdamW epsilon")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 disables clipping")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _field(8, "sequences per forward/backward pass")
+    grad_accum_steps: int = _field(64, "micro-batches accumulated per optimizer step")
+    max_steps: int = _field(19073, "optimizer steps to train for")
+    eval_interval: int = _field(250, "evaluate on the val split every this many steps")
+    eval_steps: int = _field(20, "micro-batches per evaluation")
+    log_interval: int = _field(10, "print and record metrics every this many steps")
+    checkpoint_interval: int = _field(500, "write a checkpoint every this many steps")
+    keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep on disk")
+    out_dir: str = _field("out", "run directory: checkpoints, metrics.jsonl, config.toml")
+    resume: bool = _field(True, "continue from the newest checkpoint in out_dir if there is one")
+    seed: int = _field(1337, "seed for initialisation, data order and dropout")
+    dtype: str = _field("bfloat16", "autocast dtype on CUDA: bfloat16, float16 or float32")
+    compile: bool = _field(False, "torch.compile the model")
+    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    sample_tokens: int = _field(64, "tokens sampled at the end of the run; 0 for none")
+
+
+@dataclass
+class KernelsConfig:
+    layernorm: bool = _field(False, "Triton fused residual-add + LayerNorm")
+    cross_entropy: bool = _field(False, "Triton fused linear + cross-entropy loss")
+    adamw: bool = _field(False, "Triton fused AdamW with fused gradient clipping")
+
+
+# Switches whose kernels this version does not ship yet; asking for one is a config error.
+UNAVAILABLE_KERNELS = ("layernorm", "cross_entropy", "adamw")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step: micro-batch x accumulation x context."""
+        return self.train.micro_batch_size * self.train.grad_accum_steps * self.model.block_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTION_TYPES: dict[str, type] = typing.get_type_hints(Config)
+SECTIONS = tuple(SECTION_TYPES)
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(choices)}"
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a list of " + ", ".join(t.__name__ for t in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against the annotated type `tp`; ints are accepted where floats are expected."""
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            items = [_coerce(v, t, where) for v, t in zip(value, args)]
+            return tuple(items)
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported config type {tp}")
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _section_from_dict(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}{key}: unknown key{_suggest(key, names)}")
+        doc = cls.__dataclass_fields__[key].metadata.get("doc", "")
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({doc})") from None
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    """Build and validate a Config from a nested dict (a parsed TOML document)."""
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: [{name}]: unknown section{_suggest(name, SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {name}: expected a [{name}] table, got {values!r}")
+        sections[name] = _section_from_dict(SECTION_TYPES[name], values, f"{source}: {name}.")
+    cfg = Config(**sections)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Raise ConfigError for values that are well-typed but impossible."""
+
+    def fail(key: str, why: str):
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.n_embd % m.n_head:
+        fail("model.n_embd", f"{m.n_embd} is not divisible by model.n_head = {m.n_head}")
+    if m.vocab_size > 65536:
+        fail("model.vocab_size", f"token files hold uint16 ids, so at most 65536, got {m.vocab_size}")
+    if not 0.0 <= m.dropout < 1.0:
+        fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if not cfg.data.dataset or "/" in cfg.data.dataset:
+        fail("data.dataset", f"must be a plain dataset name, got {cfg.data.dataset!r}")
+    if o.lr <= 0:
+        fail("optim.lr", f"must be positive, got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        fail("optim.min_lr", f"must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
+    if o.warmup_steps < 0:
+        fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.lr_decay_steps < o.warmup_steps:
+        fail("optim.lr_decay_steps", f"must be >= optim.warmup_steps = {o.warmup_steps}")
+    if o.weight_decay < 0:
+        fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        fail("optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    if o.eps <= 0:
+        fail("optim.eps", f"must be positive, got {o.eps}")
+    if o.grad_clip < 0:
+        fail("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_steps",
+                "log_interval", "checkpoint_interval", "keep_checkpoints"):
+        if getattr(t, key) <= 0:
+            fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.sample_tokens < 0:
+        fail("train.sample_tokens", f"must be >= 0, got {t.sample_tokens}")
+    if t.dtype not in DTYPES:
+        fail("train.dtype", f"expected one of {', '.join(DTYPES)}, got {t.dtype!r}")
+    device = t.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if not t.out_dir:
+        fail("train.out_dir", "must not be empty")
+    for name in UNAVAILABLE_KERNELS:
+        if getattr(cfg.kernels, name):
+            fail(f"kernels.{name}", "this kernel is not available in this version of gptfast; set it to false")
+
+
+def parse_override(arg: str, source: str = "command line") -> tuple[str, str, object]:
+    """`--section.key=value` -> (section, key, value); the value is read as TOML, else as a string."""
+    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+        raise ConfigError(f"{source}: {arg!r}: expected --section.key=value, e.g. --train.max_steps=100")
+    dotted, text = arg[2:].split("=", 1)
+    section, _, key = dotted.partition(".")
+    if not section or not key or "." in key:
+        raise ConfigError(f"{source}: {arg!r}: expected --section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as `cpu` or `12GiB` is a string
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when `path` is None) and apply CLI overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a directory, not a config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read config: {e}") from None
+    # Validate the file on its own first, so an error names the file rather than an override.
+    config_from_dict(raw, source)
+    for arg in overrides:
+        section, key, value = parse_override(arg)
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a [{section}] table")
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, f"{source} (with command-line overrides)" if overrides else source)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML document that `load_config` reads back to an equal Config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,318 @@
+"""Datasets: tokenise text into uint16 token files, and sample training windows from them.
+
+A prepared dataset is a folder `data_dir/<name>/` holding `train.bin` and `val.bin` (GPT-2 BPE
+token ids as little-endian uint16, documents separated by the end-of-text token) and `meta.json`,
+written last, so a folder without `meta.json` is an unfinished preparation.
+
+Recipes (`python -m gptfast.prepare RECIPE`):
+- `stdlib`: the Python standard library's own source files on this machine; no download.
+- `shakespeare`: tiny-shakespeare, downloaded, or read from `--input FILE` offline.
+- `text`: any local text files or globs (`--input 'notes/**/*.md' --name notes`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from gptfast.config import DataConfig
+from gptfast.errors import DataError
+
+TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits: half the bytes of int32
+GPT2_VOCAB_SIZE = 50257
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+RECIPES = ("stdlib", "shakespeare", "text")
+# Recipes that need no arguments and no network, so a config naming them can prepare on its own.
+OFFLINE_RECIPES = ("stdlib",)
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 BPE (honours TIKTOKEN_CACHE_DIR; downloads its files on first use)."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests/urllib errors of several kinds offline
+        raise DataError(
+            f"cannot load the GPT-2 tokenizer ({type(e).__name__}: {e}); offline, point "
+            "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached GPT-2 files") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation
+
+
+@dataclass
+class Document:
+    name: str  # stable identifier (a path); decides the train/val split
+    text: str
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def stdlib_documents() -> list[str]:
+    """Every .py file of the running Python's standard library (site-packages left out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts
+                   and "dist-packages" not in p.parts)
+    if not files:
+        raise DataError(f"no .py files found under the standard library folder {root}")
+    return files
+
+
+def text_documents(patterns: Iterable[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise DataError(f"--input {pattern!r} matches no readable file")
+        files.extend(matches)
+    return list(dict.fromkeys(files))  # drop repeats, keep order
+
+
+def download(url: str, dest: Path) -> None:
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            f.write(response.read())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({e}); offline, pass --input FILE") from None
+    os.replace(tmp, dest)
+
+
+def _is_val(name: str, val_fraction: float) -> bool:
+    """Deterministic document-level split: the same file always lands in the same split."""
+    digest = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "little")
+    return digest / 2**64 < val_fraction
+
+
+class _Progress:
+    """One status line per second while a corpus is tokenised, so a long preparation is not silent."""
+
+    def __init__(self, total: int | None, log: Callable[[str], None]):
+        self.total, self.log = total, log
+        self.start = self.last = time.perf_counter()
+        self.shown = -1  # documents count of the last line shown
+
+    def update(self, documents: int, tokens: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if (final and documents != self.shown) or now - self.last >= 1.0:
+            rate = tokens / max(now - self.start, 1e-9)
+            of_total = f"/{self.total:,}" if self.total else ""
+            self.log(f"  documents {documents:,}{of_total}  tokens {tokens:,}  {rate / 1e6:.2f}M tok/s")
+            self.last, self.shown = now, documents
+
+
+def _write_atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_documents(files: list[str]) -> Iterator[Document]:
+    for path in files:
+        yield Document(path, _read_text(path))
+
+
+def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Path, *, recipe: str,
+                    total: int | None = None, val_fraction: float = 0.005,
+                    split_by_tokens: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Tokenise `documents` into `out_root/name/{train,val}.bin` + `meta.json`.
+
+    Documents go whole to train or val by a hash of their name; with `split_by_tokens` (a corpus
+    that is one document) each document's last `val_fraction` of tokens goes to val instead.
+    Token files are streamed to disk in batches, so corpora larger than memory work.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    out = Path(out_root) / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create dataset folder {out}: {e}") from None
+    (out / "meta.json").unlink(missing_ok=True)  # the folder is unfinished until meta.json returns
+    enc = get_tokenizer()
+    eot = enc.eot_token
+    log(f"preparing dataset '{name}' ({recipe}): {f'{total:,} documents' if total else 'streaming'} -> {out}")
+    paths = {split: out / f"{split}.bin" for split in ("train", "val")}
+    tmp_paths = {split: p.with_suffix(".bin.tmp") for split, p in paths.items()}
+    counts = {"train": 0, "val": 0}
+    max_id, n_docs = 0, 0
+    progress = _Progress(total, log)
+    documents = iter(documents)
+    with open(tmp_paths["train"], "wb") as train_file, open(tmp_paths["val"], "wb") as val_file:
+        handles = {"train": train_file, "val": val_file}
+        while batch := list(itertools.islice(documents, 64)):
+            texts = [doc.text for doc in batch]
+            for doc, ids in zip(batch, enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)):
+                ids.append(eot)  # EOT closes every document, as GPT-2 was trained
+                arr = np.asarray(ids, dtype=np.int64)
+                max_id = max(max_id, int(arr.max()))
+                if split_by_tokens:
+                    cut = len(arr) - max(1, int(len(arr) * val_fraction))
+                    parts = {"train": arr[:cut], "val": arr[cut:]}
+                else:
+                    parts = {"val" if _is_val(doc.name, val_fraction) else "train": arr}
+                for split, part in parts.items():
+                    handles[split].write(part.astype(TOKEN_DTYPE).tobytes())
+                    counts[split] += len(part)
+            n_docs += len(batch)
+            progress.update(n_docs, sum(counts.values()))
+        progress.update(n_docs, sum(counts.values()), final=True)
+        for h in handles.values():
+            h.flush()
+            os.fsync(h.fileno())
+    if counts["val"] == 0 or counts["train"] == 0:
+        for p in tmp_paths.values():
+            p.unlink(missing_ok=True)
+        empty = "val" if counts["val"] == 0 else "train"
+        raise DataError(f"dataset '{name}': {n_docs} documents gave an empty {empty} split; "
+                        "add documents or change --val-fraction")
+    for split in paths:
+        os.replace(tmp_paths[split], paths[split])
+    meta = {"name": name, "recipe": recipe, "tokenizer": "gpt2", "vocab_size": enc.n_vocab,
+            "eot_token": eot, "dtype": "uint16", "max_token_id": max_id, "documents": n_docs,
+            "train_tokens": counts["train"], "val_tokens": counts["val"]}
+    _write_atomic_json(out / "meta.json", meta)
+    log(f"dataset '{name}': {counts['train']:,} train tokens, {counts['val']:,} val tokens")
+    return out
+
+
+def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None,
+                   inputs: list[str] | None = None, val_fraction: float | None = None,
+                   log: Callable[[str], None] = print) -> Path:
+    """Run one of RECIPES; returns the dataset folder."""
+    inputs = inputs or []
+    if recipe == "stdlib":
+        files = text_documents(inputs) if inputs else stdlib_documents()
+        default_val = 0.01
+    elif recipe == "shakespeare":
+        if inputs:
+            files = text_documents(inputs)
+        else:
+            dest = Path(data_dir) / (name or recipe) / "input.txt"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.exists():
+                log(f"downloading {SHAKESPEARE_URL}")
+                download(SHAKESPEARE_URL, dest)
+            files = [str(dest)]
+        default_val = 0.1
+    elif recipe == "text":
+        if not inputs:
+            raise DataError("recipe 'text' needs --input FILE_OR_GLOB (one or more)")
+        files = text_documents(inputs)
+        default_val = 0.01 if len(files) > 1 else 0.1
+    else:
+        raise DataError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+    return prepare_dataset(name or recipe, file_documents(files), data_dir, recipe=recipe,
+                           total=len(files), val_fraction=val_fraction or default_val,
+                           split_by_tokens=len(files) == 1, log=log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.data_dir) / cfg.dataset
+
+
+def ensure_prepared(cfg: DataConfig, log: Callable[[str], None] = print) -> Path:
+    """The dataset folder for `cfg`, preparing it first when its recipe runs offline unaided."""
+    folder = dataset_dir(cfg)
+    if (folder / "meta.json").exists():
+        return folder
+    if cfg.auto_prepare and cfg.dataset in OFFLINE_RECIPES:
+        return prepare_recipe(cfg.dataset, cfg.data_dir, log=log)
+    if cfg.dataset in RECIPES:
+        hint = f"python -m gptfast.prepare {cfg.dataset} --data-dir {cfg.data_dir}"
+        if cfg.dataset == "shakespeare":
+            hint += " [--input tinyshakespeare.txt]"
+    else:
+        hint = f"python -m gptfast.prepare text --name {cfg.dataset} --input 'FILES' --data-dir {cfg.data_dir}"
+        if cfg.dataset in DOCUMENTED_ELSEWHERE:
+            hint = DOCUMENTED_ELSEWHERE[cfg.dataset]
+    raise DataError(f"dataset '{cfg.dataset}' is not prepared ({folder}/meta.json is missing); run: {hint}")
+
+
+# Datasets that need the network and the `datasets` package; data/README.md has their recipes.
+DOCUMENTED_ELSEWHERE = {
+    "fineweb": "python data/hf_dataset.py fineweb (needs the network and `pip install datasets`)",
+    "openwebtext": "python data/hf_dataset.py openwebtext (needs the network and `pip install datasets`)",
+}
+
+
+def load_tokens(path: Path, vocab_size: int) -> np.memmap:
+    """Memory-map a token file after checking its size and that every id is < vocab_size."""
+    if not path.exists():
+        raise DataError(f"token file {path} does not exist")
+    size = path.stat().st_size
+    if size % TOKEN_DTYPE.itemsize:
+        raise DataError(f"token file {path} has {size} bytes, an odd count: uint16 tokens take 2 bytes each")
+    if size == 0:
+        raise DataError(f"token file {path} is empty")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    # One streaming pass (about a second per GB): a bad id would otherwise index past the
+    # embedding on the GPU, which fails far from its cause or not at all.
+    chunk = 1 << 26
+    for start in range(0, len(tokens), chunk):
+        top = int(tokens[start:start + chunk].max())
+        if top >= vocab_size:
+            where = start + int(np.argmax(tokens[start:start + chunk] >= vocab_size))
+            raise DataError(f"token file {path} holds id {int(tokens[where])} at position {where:,}, "
+                            f"past the model's vocab_size {vocab_size}")
+    return tokens
+
+
+class TokenLoader:
+    """Random (x, y) windows from a token file, a pure function of (seed, step, micro_step).
+
+    No state is carried from one batch to the next, so resuming at step s reproduces the batches an
+    uninterrupted run would have drawn: exact resume needs only the step count.
+    """
+
+    SPLIT_IDS = {"train": 0, "val": 1}
+
+    def __init__(self, folder: Path, vocab_size: int, block_size: int, batch_size: int,
+                 seed: int, device: torch.device):
+        self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
+        self.tokens = {split: load_tokens(folder / f"{split}.bin", vocab_size) for split in self.SPLIT_IDS}
+        for split, tokens in self.tokens.items():
+            if len(tokens) < block_size + 1:
+                raise DataError(f"the {split} split of {folder} has {len(tokens):,} tokens, fewer than "
+                                f"block_size + 1 = {block_size + 1}: lower model.block_size or add data")
+        self.pin = device.type == "cuda"
+
+    def batch(self, split: str, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (batch_size, block_size) int64 on the device; y is x shifted by one token."""
+        tokens = self.tokens[split]
+        rng = np.random.default_rng([self.seed, self.SPLIT_IDS[split], step, micro_step])
+        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
+        windows = np.stack([tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(windows)  # (B, T + 1)
+        if self.pin:
+            # Pinned host memory lets the copy run asynchronously with the previous step's kernels.
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        else:
+            windows = windows.to(self.device)
+        return windows[:, :-1], windows[:, 1:]

@@ -1,0 +1,21 @@
+"""Errors that mean "the user's input is wrong": the CLIs print them as one line and exit 2."""
+
+
+class GptfastError(Exception):
+    """Base class for errors caused by bad input (config, data, checkpoint, output directory)."""
+
+
+class ConfigError(GptfastError):
+    """A config file or override is unreadable, has an unknown key, a wrong type or a bad value."""
+
+
+class DataError(GptfastError):
+    """A dataset is missing, unreadable or holds tokens the model cannot use."""
+
+
+class CheckpointError(GptfastError):
+    """A checkpoint is unreadable, or belongs to a different model."""
+
+
+class RunDirError(GptfastError):
+    """The run directory cannot be created or written."""

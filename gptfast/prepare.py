@@ -1,0 +1,35 @@
+"""`python -m gptfast.prepare RECIPE`: tokenise a corpus into data/<name>/{train,val}.bin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptfast.data import RECIPES, prepare_recipe
+from gptfast.errors import GptfastError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptfast.prepare",
+                                     description="Tokenise a corpus into DATA_DIR/<name>/{train,val}.bin.")
+    parser.add_argument("recipe", choices=RECIPES,
+                        help="stdlib: Python's own sources (offline); shakespeare: tiny-shakespeare "
+                             "(download, or --input FILE); text: any local files or globs")
+    parser.add_argument("--name", help="dataset name, the config's data.dataset (default: the recipe)")
+    parser.add_argument("--input", nargs="+", default=[], metavar="FILE_OR_GLOB",
+                        help="files or globs to read ('**' recurses)")
+    parser.add_argument("--data-dir", default="data", help="where datasets live (default: data)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="share of documents (of tokens, for a single document) held out for val")
+    args = parser.parse_args(argv)
+    try:
+        prepare_recipe(args.recipe, args.data_dir, name=args.name, inputs=args.input,
+                       val_fraction=args.val_fraction)
+    except GptfastError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

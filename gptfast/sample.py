@@ -1,0 +1,65 @@
+"""`python -m gptfast.sample CKPT_OR_OUT_DIR --prompt "..."`: generate text from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from gptfast.checkpoint import load_checkpoint
+from gptfast.config import config_from_dict
+from gptfast.data import get_tokenizer
+from gptfast.errors import GptfastError
+from gptfast.model import GPT
+from gptfast.trainer import AUTOCAST_DTYPES, resolve_device
+
+
+def load_model(path: str, device: torch.device) -> tuple[GPT, dict]:
+    """The model of a checkpoint file, or of the newest checkpoint in a run directory."""
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"], f"{state['path']} (config)")
+    model = GPT(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptfast.sample", description=__doc__)
+    parser.add_argument("checkpoint", help="a ckpt_<step>.pt file, or a run directory (its newest checkpoint)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
+    parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 for all")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
+        parser.error("--max-new-tokens, --temperature and --top-k must be >= 0, --num-samples >= 1")
+    try:
+        device = resolve_device(args.device)
+        model, state = load_model(args.checkpoint, device)
+        enc = get_tokenizer()
+    except GptfastError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompt = enc.encode_ordinary(args.prompt) if args.prompt else [enc.eot_token]
+    if len(prompt) > model.config.block_size:
+        prompt = prompt[-model.config.block_size:]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([prompt], device=device)
+    dtype = AUTOCAST_DTYPES.get(state["config"]["train"]["dtype"]) if device.type == "cuda" else None
+    for i in range(args.num_samples):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model.generate(idx, args.max_new_tokens, args.temperature,
+                                 args.top_k or None, generator=generator)
+        text = enc.decode(out[0].tolist()[0 if args.prompt else 1:])
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The training loop: accumulation, clipping, schedule, evaluation, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptfast import checkpoint as ckpt
+from gptfast.config import Config, to_toml
+from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer
+from gptfast.errors import CheckpointError, ConfigError, RunDirError
+from gptfast.hardware import mfu, peak_bf16_flops
+from gptfast.model import GPT
+from gptfast.optim import build_optimizer, lr_at
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when present, else cpu; asking for CUDA on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device = {name!r} but this machine has no CUDA device: for a CPU run "
+                              "use configs/cpu_smoke.toml, or add --train.device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device = {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def prepare_run_dir(out_dir: Path) -> None:
+    """Create `out_dir` and prove it is writable before any training time is spent."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"train.out_dir {str(out_dir)!r} cannot be written: {e.strerror or e}") from None
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    train_loss: float | None  # loss of the last logged step
+    val_loss: float | None  # the last evaluation
+    sample: str  # text sampled at the end ("" when train.sample_tokens is 0)
+
+
+class Trainer:
+    """Builds everything a run needs from a Config, then `run()` trains to train.max_steps."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.out_dir = Path(t.out_dir)
+        # CPU has no fast bf16 matmuls worth the rounding, so the CPU path trains in fp32.
+        self.amp_dtype = AUTOCAST_DTYPES.get(t.dtype) if self.device.type == "cuda" else None
+        if self.device.type == "cpu" and t.dtype != "float32":
+            log(f"device cpu: training in float32 (train.dtype = {t.dtype} applies on CUDA)")
+        torch.manual_seed(t.seed)
+
+        self.model = GPT(cfg.model).to(self.device)
+        log(f"model: {self.model.num_params():,} parameters ({cfg.model.n_layer} layers, "
+            f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})")
+        log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "
+            f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context")
+
+        folder = ensure_prepared(cfg.data, log=log)
+        self.loader = TokenLoader(folder, cfg.model.vocab_size, cfg.model.block_size,
+                                  t.micro_batch_size, t.seed, self.device)
+        prepare_run_dir(self.out_dir)
+
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.step = 0
+        self.val_loss: float | None = None
+        if t.resume:
+            self._resume()
+        else:
+            self._set_aside_previous_run()
+        self._write_config()
+        self.train_model = torch.compile(self.model) if t.compile else self.model
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+
+    # -- run directory ---------------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def _write_config(self) -> None:
+        text = to_toml(self.cfg).encode()
+        ckpt.atomic_write_bytes(self.out_dir / "config.toml", lambda f: f.write(text))
+
+    def _set_aside_previous_run(self) -> None:
+        """train.resume = false starts over; an earlier run's files move to old_<n>/, not deleted."""
+        previous = ckpt.list_checkpoints(self.out_dir)
+        if self.metrics_path.exists():
+            previous.append(self.metrics_path)
+        if not previous:
+            return
+        n = 1
+        while (self.out_dir / f"old_{n}").exists():
+            n += 1
+        keep = self.out_dir / f"old_{n}"
+        keep.mkdir()
+        for path in previous:
+            path.rename(keep / path.name)
+        self.log(f"train.resume = false: moved the previous run's files to {keep}")
+
+    def _resume(self) -> None:
+        """Continue from the newest readable checkpoint; a corrupt one is reported and skipped."""
+        candidates = ckpt.list_checkpoints(self.out_dir)
+        state, errors = None, []
+        for path in reversed(candidates):
+            try:
+                state = ckpt.load_checkpoint(path)
+                break
+            except CheckpointError as e:
+                errors.append(str(e))
+                self.log(f"warning: {e}; trying the previous checkpoint")
+        if state is None:
+            if errors:
+                raise CheckpointError(f"no readable checkpoint in {self.out_dir}: {errors[0]}")
+            return
+        ckpt.check_same_model(state["config"]["model"], self.cfg.to_dict()["model"], state["path"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{state['path']} does not fit this model: {e}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = state["step"]
+        self.val_loss = state.get("val_loss")
+        self._truncate_metrics(self.step)
+        self.log(f"resumed from {state['path']} at step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records of steps after the checkpoint: the resumed run writes them again."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = "".join(line for line in lines if line.strip() and json.loads(line)["step"] <= step).encode()
+        ckpt.atomic_write_bytes(self.metrics_path, lambda f: f.write(kept))
+
+    def _record(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self) -> Path:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "val_loss": self.val_loss,
+            "rng": rng,
+            # The loader is a pure function of (seed, step): its whole state is these two numbers.
+            "loader": {"seed": self.cfg.train.seed, "step": self.step},
+        }
+        return ckpt.save_checkpoint(state, self.out_dir, self.step, self.cfg.train.keep_checkpoints)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm)
+        as device tensors, so nothing here waits for the GPU."""
+        t, o = self.cfg.train, self.cfg.optim
+        lr = lr_at(self.step, o)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(t.grad_accum_steps):
+            x, y = self.loader.batch("train", self.step, micro_step)
+            with self.autocast():
+                loss = self.train_model(x, y) / t.grad_accum_steps
+            loss_sum += loss.detach()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed val batches (the same windows at every evaluation)."""
+        self.model.eval()
+        total = 0.0
+        for i in range(self.cfg.train.eval_steps):
+            x, y = self.loader.batch("val", step=i)
+            with self.autocast():
+                total += self.train_model(x, y).item()
+        self.model.train()
+        return total / self.cfg.train.eval_steps
+
+    @torch.no_grad()
+    def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 200) -> str:
+        enc = get_tokenizer()
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        idx = torch.tensor([[enc.eot_token]], device=self.device)
+        with self.autocast():
+            out = self.model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+        self.model.train()
+        return enc.decode(out[0, 1:].tolist())
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        self.model.train()
+        if self.step >= t.max_steps:
+            self.log(f"nothing to do: step {self.step} >= train.max_steps = {t.max_steps}")
+        tokens_per_step = self.cfg.tokens_per_step
+        train_loss = None
+        last_time, last_step = time.perf_counter(), self.step
+        while self.step < t.max_steps:
+            loss, grad_norm = self.train_step()
+            done = self.step == t.max_steps
+            if self.step % t.log_interval == 0 or done:
+                train_loss = loss.item()  # the one host sync per logged step
+                now = time.perf_counter()
+                step_time = (now - last_time) / (self.step - last_step)
+                last_time, last_step = now, self.step
+                tokens_per_second = tokens_per_step / step_time
+                record = {
+                    "step": self.step, "loss": train_loss, "lr": lr_at(self.step - 1, self.cfg.optim),
+                    "grad_norm": grad_norm.item(), "tokens_per_second": tokens_per_second,
+                    "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops),
+                    "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
+                                          if self.device.type == "cuda" else None),
+                    "eta_seconds": step_time * (t.max_steps - self.step),
+                }
+                self._record(record)
+                self.log(self._format(record))
+            if self.step % t.eval_interval == 0 or done:
+                self.val_loss = self.evaluate()
+                self._record({"step": self.step, "val_loss": self.val_loss})
+                self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
+            if self.step % t.checkpoint_interval == 0 or done:
+                path = self.save()
+                self.log(f"step {self.step} | checkpoint {path}")
+        text = ""
+        if t.sample_tokens:
+            text = self.sample(t.sample_tokens)
+            self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
+        return TrainResult(self.step, train_loss, self.val_loss, text)
+
+    def _format(self, r: dict) -> str:
+        parts = [f"step {r['step']}/{self.cfg.train.max_steps}", f"loss {r['loss']:.4f}",
+                 f"lr {r['lr']:.2e}", f"grad norm {r['grad_norm']:.3f}",
+                 f"{r['tokens_per_second']:,.0f} tok/s"]
+        if r["mfu"] is not None:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        if r["peak_memory_bytes"] is not None:
+            parts.append(f"peak mem {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+        parts.append(f"eta {format_duration(r['eta_seconds'])}")
+        return " | ".join(parts)

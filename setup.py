@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gptfast",
+    version="0.1.0",
+    description="A lean GPT-2-class trainer whose hot paths are Triton kernels, for one consumer GPU.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gptfast", "gptfast.*", "kernels", "kernels.*"]),
+    python_requires=">=3.11",  # tomllib
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tiktoken>=0.6",
+        "numpy>=1.24",
+        "nvidia-ml-py>=12.0",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+)
