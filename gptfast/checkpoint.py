@@ -85,7 +85,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # torch.load raises many types for a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to paragraphs
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not a gptfast checkpoint (missing model, config or step)")
     state["path"] = str(path)

@@ -140,7 +140,7 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
     """Tokenise `documents` into `out_root/name/{train,val}.bin` + `meta.json`.
 
     Documents go whole to train or val by a hash of their name; with `split_by_tokens` (a corpus
-    that is one document) each document's last `val_fraction` of tokens goes to val instead.
+    of few documents) each document's last `val_fraction` of tokens goes to val instead.
     Token files are streamed to disk in batches, so corpora larger than memory work.
     """
     if not 0.0 < val_fraction < 1.0:
@@ -224,9 +224,12 @@ def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None
         default_val = 0.01 if len(files) > 1 else 0.1
     else:
         raise DataError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+    val_fraction = val_fraction or default_val
+    # Whole documents make the cleaner val split, but with fewer than ~10 expected val documents
+    # chance can leave it empty or unrepresentative: then every document gives its tail instead.
     return prepare_dataset(name or recipe, file_documents(files), data_dir, recipe=recipe,
-                           total=len(files), val_fraction=val_fraction or default_val,
-                           split_by_tokens=len(files) == 1, log=log)
+                           total=len(files), val_fraction=val_fraction,
+                           split_by_tokens=len(files) * val_fraction < 10, log=log)
 
 
 # ----------------------------------------------------------------------------------------------

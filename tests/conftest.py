@@ -1,0 +1,59 @@
+"""Shared fixtures: an offline tokenizer cache, a small prepared dataset, a tiny config."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+# The GPT-2 BPE files ship beside the checkout for offline machines; an online user's tiktoken
+# downloads them as usual, so this only fills in a variable the environment left unset.
+_SHARED_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_CACHE.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_CACHE)
+
+from gptfast.config import load_config  # noqa: E402
+from gptfast.data import prepare_recipe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_corpus_files() -> list[str]:
+    """A few dozen standard-library sources: real text, present on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in (root / "json").glob("*.py")) + sorted(str(p) for p in (root / "email").glob("*.py"))
+    assert len(files) > 10, f"expected the json and email packages under {root}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A prepared dataset 'small' (about 250k tokens) under a session-wide data folder."""
+    root = tmp_path_factory.mktemp("data")
+    prepare_recipe("text", root, name="small", inputs=small_corpus_files(), val_fraction=0.1, log=lambda _: None)
+    return root
+
+
+def tiny_overrides(data_dir: Path, out_dir: Path, extra: dict | None = None) -> list[str]:
+    """CLI-style overrides for a model that trains a step in milliseconds on a CPU."""
+    values = {
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+        "data.dataset": '"small"', "data.data_dir": f'"{data_dir}"',
+        "optim.warmup_steps": 2, "optim.lr_decay_steps": 20, "optim.lr": 1e-3, "optim.min_lr": 1e-4,
+        "train.micro_batch_size": 4, "train.grad_accum_steps": 2, "train.max_steps": 6,
+        "train.eval_interval": 3, "train.eval_steps": 2, "train.log_interval": 1,
+        "train.checkpoint_interval": 3, "train.out_dir": f'"{out_dir}"', "train.device": '"cpu"',
+        "train.dtype": '"float32"', "train.sample_tokens": 0,
+    }
+    values.update(extra or {})
+    toml = {True: "true", False: "false"}
+    return [f"--{key}={toml[value] if isinstance(value, bool) else value}" for key, value in values.items()]
+
+
+@pytest.fixture
+def tiny_config(data_dir, tmp_path):
+    def make(extra: dict | None = None, out_dir: Path | None = None):
+        return load_config(None, tiny_overrides(data_dir, out_dir or tmp_path / "run", extra))
+    return make

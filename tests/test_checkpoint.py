@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from gptfast import checkpoint as ckpt
+from gptfast.errors import CheckpointError, RunDirError
+
+
+def state(step: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "config": {"model": {}}, "step": step}
+
+
+def test_save_keeps_newest_and_leaves_no_temporaries(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(state(step), tmp_path, step, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+    loaded = ckpt.load_checkpoint(tmp_path)  # a directory loads its newest checkpoint
+    assert loaded["step"] == 4 and torch.equal(loaded["model"]["w"], torch.full((3,), 4.0))
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(state(1), tmp_path, 1, keep=2)
+
+    def disk_full(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RunDirError, match="No space left on device"):
+        ckpt.save_checkpoint(state(2), tmp_path, 2, keep=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 1
+
+
+@pytest.mark.parametrize("payload", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, payload):
+    path = tmp_path / "ckpt_00000009.pt"
+    path.write_bytes(payload)
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        ckpt.load_checkpoint(path)
+
+
+def test_foreign_file_and_missing_paths(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "ckpt_00000001.pt")
+    with pytest.raises(CheckpointError, match="not a gptfast checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "ckpt_00000001.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "ckpt_00000002.pt")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "..")
+
+
+def test_model_mismatch_names_every_field():
+    saved = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 50257, "bias": True}
+    current = dict(saved, n_layer=4, n_embd=64)
+    with pytest.raises(CheckpointError, match=r"n_layer: checkpoint 2, config 4; n_embd: checkpoint 32, config 64"):
+        ckpt.check_same_model(saved, current, "x.pt")
+    ckpt.check_same_model(saved, dict(saved), "x.pt")

@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_corpus_files
+from gptfast.config import DataConfig
+from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer, prepare_recipe
+from gptfast.errors import DataError
+
+
+def read_tokens(path):
+    return np.fromfile(path, dtype="<u2")
+
+
+def test_single_document_round_trip(tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+    src = tmp_path / "play.txt"
+    src.write_text(text)
+    folder = prepare_recipe("text", tmp_path / "data", name="play", inputs=[str(src)], log=lambda _: None)
+    enc = get_tokenizer()
+    train, val = read_tokens(folder / "train.bin"), read_tokens(folder / "val.bin")
+    tokens = np.concatenate([train, val]).tolist()
+    assert tokens[-1] == enc.eot_token and enc.decode(tokens[:-1]) == text
+    assert len(val) == max(1, int(len(tokens) * 0.1))  # one document: split by tokens
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert meta["vocab_size"] == 50257 and meta["max_token_id"] == max(tokens)
+
+
+def split_documents(ids: list[int], eot: int) -> list[str]:
+    enc = get_tokenizer()
+    cut = [i for i, t in enumerate(ids) if t == eot]
+    starts = [0] + [c + 1 for c in cut[:-1]]
+    return [enc.decode(ids[s:e]) for s, e in zip(starts, cut)]
+
+
+def test_many_documents_split_whole_and_separated_by_eot(tmp_path):
+    files = small_corpus_files()
+    folder = prepare_recipe("text", tmp_path, name="docs", inputs=files, val_fraction=0.5, log=lambda _: None)
+    eot = get_tokenizer().eot_token
+    docs = []
+    for split in ("train", "val"):
+        ids = read_tokens(folder / f"{split}.bin").tolist()
+        assert ids and ids[-1] == eot
+        docs += split_documents(ids, eot)
+    assert sorted(docs) == sorted(open(f, encoding="utf-8").read() for f in files)
+
+
+def test_few_documents_give_each_a_val_tail(data_dir):
+    enc = get_tokenizer()
+    files = small_corpus_files()
+    train = read_tokens(data_dir / "small" / "train.bin")
+    val = read_tokens(data_dir / "small" / "val.bin")
+    assert np.count_nonzero(train == enc.eot_token) == 0  # every document's end went to val
+    assert np.count_nonzero(val == enc.eot_token) == len(files)
+    expected = sum(len(enc.encode_ordinary(open(f, encoding="utf-8").read())) + 1 for f in files)
+    assert len(train) + len(val) == expected and 0.05 < len(val) / expected < 0.15
+
+
+def test_preparation_is_deterministic(tmp_path, data_dir):
+    again = prepare_recipe("text", tmp_path, name="small", inputs=small_corpus_files(), val_fraction=0.1,
+                           log=lambda _: None)
+    for name in ("train.bin", "val.bin"):
+        assert (again / name).read_bytes() == (data_dir / "small" / name).read_bytes()
+
+
+def make_loader(folder, block_size=16, batch_size=3, seed=0):
+    return TokenLoader(folder, 50257, block_size, batch_size, seed, torch.device("cpu"))
+
+
+def test_loader_windows_are_shifted_slices(data_dir):
+    loader = make_loader(data_dir / "small")
+    tokens = read_tokens(data_dir / "small" / "train.bin").astype(np.int64)
+    x, y = loader.batch("train", step=5, micro_step=1)
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        starts = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(tokens, 16).__eq__(row_x).all(1))
+        assert len(starts) >= 1 and any(np.array_equal(tokens[s + 1:s + 17], row_y) for s in starts)
+
+
+def test_loader_is_a_function_of_seed_and_step(data_dir):
+    a, b = make_loader(data_dir / "small"), make_loader(data_dir / "small")
+    torch.testing.assert_close(a.batch("train", 7, 0), b.batch("train", 7, 0))
+    assert not torch.equal(a.batch("train", 7, 0)[0], a.batch("train", 8, 0)[0])
+    assert not torch.equal(a.batch("train", 7, 0)[0], a.batch("train", 7, 1)[0])
+    assert not torch.equal(a.batch("train", 7, 0)[0], make_loader(data_dir / "small", seed=1).batch("train", 7, 0)[0])
+
+
+def test_odd_byte_count_is_rejected(tmp_path, data_dir):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "train.bin").write_bytes(b"\x01\x00\x02")
+    (folder / "val.bin").write_bytes(b"\x01\x00")
+    with pytest.raises(DataError, match="odd count"):
+        make_loader(folder)
+
+
+def test_token_past_vocab_is_rejected(tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    ids = np.arange(100, dtype="<u2")
+    ids[57] = 60000
+    ids.tofile(folder / "train.bin")
+    np.arange(100, dtype="<u2").tofile(folder / "val.bin")
+    with pytest.raises(DataError, match="id 60000 at position 57"):
+        make_loader(folder)
+
+
+def test_block_size_longer_than_split(data_dir):
+    with pytest.raises(DataError, match="fewer than block_size"):
+        make_loader(data_dir / "small", block_size=10_000_000)
+
+
+def test_missing_dataset_names_the_command(tmp_path):
+    cfg = DataConfig(dataset="mycorpus", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="python -m gptfast.prepare text --name mycorpus"):
+        ensure_prepared(cfg)
+    with pytest.raises(DataError, match="python -m gptfast.prepare shakespeare"):
+        ensure_prepared(DataConfig(dataset="shakespeare", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="data/hf_dataset.py fineweb"):
+        ensure_prepared(DataConfig(dataset="fineweb", data_dir=str(tmp_path)))
+
+
+def test_text_recipe_errors(tmp_path):
+    with pytest.raises(DataError, match="needs --input"):
+        prepare_recipe("text", tmp_path)
+    with pytest.raises(DataError, match="matches no readable file"):
+        prepare_recipe("text", tmp_path, inputs=[str(tmp_path / "nothing*.txt")])
+
+
+def test_prepare_cli_exit_code(tmp_path, capsys):
+    from gptfast.prepare import main
+
+    assert main(["text", "--input", str(tmp_path / "absent.txt"), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+
+from gptfast.config import ModelConfig
+from gptfast.model import GPT
+
+
+def meta_model(**kw) -> GPT:
+    with torch.device("meta"):  # shapes only: no 1.4 GB allocation for medium
+        return GPT(ModelConfig(**kw))
+
+
+@pytest.mark.parametrize("n_layer, n_head, n_embd, expected", [
+    (12, 12, 768, 124_439_808),   # GPT-2 small
+    (24, 16, 1024, 354_823_168),  # GPT-2 medium
+    (36, 20, 1280, 774_030_080),  # GPT-2 large
+])
+def test_parameter_counts_match_gpt2(n_layer, n_head, n_embd, expected):
+    assert meta_model(n_layer=n_layer, n_head=n_head, n_embd=n_embd).num_params() == expected
+
+
+def test_flops_per_token_formula():
+    model = meta_model(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    n = 124_439_808 - 1024 * 768  # without the position embedding
+    assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
+    assert model.flops_per_token() == 741_920_256 + 113_246_208  # by hand: 6 x 123,653,376 + attention
+
+
+def test_padded_vocab_and_tied_head():
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    assert model.transformer.wte.weight.shape == (50304, 16)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.all(model.transformer.wte.weight[50257:] == 0)
+    logits = model(torch.randint(0, 50257, (2, 8)))
+    assert logits.shape == (2, 8, 50257)
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64))
+    fc = model.transformer.h[0].mlp.c_fc.weight
+    proj = model.transformer.h[0].mlp.c_proj.weight
+    assert abs(fc.std().item() - 0.02) < 1e-3
+    assert abs(proj.std().item() - 0.02 / math.sqrt(8)) < 5e-4
+    assert torch.all(model.transformer.h[0].attn.c_attn.bias == 0)
+
+
+def test_initial_loss_is_uniform_over_the_vocabulary():
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    x, y = torch.randint(0, 50257, (2, 4, 32))
+    with torch.no_grad():
+        loss = model(x, y).item()
+    assert abs(loss - math.log(50257)) < 0.2
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(2)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)).eval()
+    x = torch.randint(0, 97, (1, 16))
+    x2 = x.clone()
+    x2[0, 10:] = (x2[0, 10:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(x), model(x2)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=101))
+    x, y = torch.randint(0, 101, (2, 4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(150):
+        loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.05
+
+
+def test_block_size_is_enforced():
+    model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=11))
+    with pytest.raises(ValueError, match="longer than block_size 4"):
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_dropout_changes_training_not_eval_outputs():
+    torch.manual_seed(4)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=31, dropout=0.5))
+    x = torch.randint(0, 31, (2, 8))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_generate_greedy_is_deterministic_and_respects_context():
+    torch.manual_seed(5)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=31)).eval()
+    idx = torch.randint(0, 31, (2, 3))
+    a = model.generate(idx, 12, temperature=0)
+    b = model.generate(idx, 12, temperature=0)
+    assert a.shape == (2, 15) and torch.equal(a, b) and torch.equal(a[:, :3], idx)
+    g1, g2 = (torch.Generator().manual_seed(9) for _ in range(2))
+    s1 = model.generate(idx, 12, temperature=1.0, top_k=5, generator=g1)
+    s2 = model.generate(idx, 12, temperature=1.0, top_k=5, generator=g2)
+    assert torch.equal(s1, s2) and int(s1.max()) < 31
