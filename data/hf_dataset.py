@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from gptfast.data import Document, prepare_dataset
-from gptfast.errors import GptfastError
+from gptfast.errors import run_cli
 
 SOURCES = {
     # name: (hub path, hub config, split, documents in the split)
@@ -36,13 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     path, config, split, total = SOURCES[args.source]
     stream = datasets.load_dataset(path, name=config, split=split, streaming=True)
     documents = (Document(f"{args.source}/{i}", row["text"]) for i, row in enumerate(stream))
-    try:
-        prepare_dataset(args.source, documents, args.data_dir, recipe=args.source, total=total,
-                        val_fraction=args.val_fraction)
-    except GptfastError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: prepare_dataset(args.source, documents, args.data_dir, recipe=args.source,
+                                           total=total, val_fraction=args.val_fraction))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Errors that mean "the user's input is wrong": the CLIs print them as one line and exit 2."""
 
+import sys
+from typing import Callable
+
 
 class GptfastError(Exception):
     """Base class for errors caused by bad input (config, data, checkpoint, output directory)."""
@@ -19,3 +22,13 @@ class CheckpointError(GptfastError):
 
 class RunDirError(GptfastError):
     """The run directory cannot be created or written."""
+
+
+def run_cli(action: Callable[[], object]) -> int:
+    """Run a CLI's work: bad input becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        action()
+    except GptfastError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

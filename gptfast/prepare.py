@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from gptfast.data import RECIPES, prepare_recipe
-from gptfast.errors import GptfastError
+from gptfast.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,13 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="share of documents (of tokens, for a single document) held out for val")
     args = parser.parse_args(argv)
-    try:
-        prepare_recipe(args.recipe, args.data_dir, name=args.name, inputs=args.input,
-                       val_fraction=args.val_fraction)
-    except GptfastError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: prepare_recipe(args.recipe, args.data_dir, name=args.name, inputs=args.input,
+                                          val_fraction=args.val_fraction))
 
 
 if __name__ == "__main__":

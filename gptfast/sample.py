@@ -10,7 +10,7 @@ import torch
 from gptfast.checkpoint import load_checkpoint
 from gptfast.config import config_from_dict
 from gptfast.data import get_tokenizer
-from gptfast.errors import GptfastError
+from gptfast.errors import run_cli
 from gptfast.model import GPT
 from gptfast.trainer import AUTOCAST_DTYPES, resolve_device
 
@@ -37,28 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
         parser.error("--max-new-tokens, --temperature and --top-k must be >= 0, --num-samples >= 1")
-    try:
-        device = resolve_device(args.device)
-        model, state = load_model(args.checkpoint, device)
-        enc = get_tokenizer()
-    except GptfastError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: print_samples(args))
+
+
+def print_samples(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    model, state = load_model(args.checkpoint, device)
+    enc = get_tokenizer()
     prompt = enc.encode_ordinary(args.prompt) if args.prompt else [enc.eot_token]
-    if len(prompt) > model.config.block_size:
-        prompt = prompt[-model.config.block_size:]
+    prompt = prompt[-model.config.block_size:]  # a long prompt keeps its end
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], device=device)
     dtype = AUTOCAST_DTYPES.get(state["config"]["train"]["dtype"]) if device.type == "cuda" else None
     for i in range(args.num_samples):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model.generate(idx, args.max_new_tokens, args.temperature,
-                                 args.top_k or None, generator=generator)
-        text = enc.decode(out[0].tolist()[0 if args.prompt else 1:])
+            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None,
+                                 generator=generator)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(text)
-    return 0
+        print(enc.decode(out[0].tolist()[0 if args.prompt else 1:]))
 
 
 if __name__ == "__main__":

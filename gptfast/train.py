@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from gptfast.config import load_config
-from gptfast.errors import GptfastError
+from gptfast.errors import run_cli
 from gptfast.trainer import Trainer
 
 USAGE = """usage: python -m gptfast.train CONFIG.toml [--section.key=value ...]
@@ -22,13 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("--"):
         print("error: the config path comes first\n" + USAGE, file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(argv[0], argv[1:])
-        Trainer(cfg).run()
-    except GptfastError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: Trainer(load_config(argv[0], argv[1:])).run())
 
 
 if __name__ == "__main__":

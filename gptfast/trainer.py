@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +210,10 @@ class Trainer:
                 loss.backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if o.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        else:  # the norm is still logged; computing it does not rescale the gradients
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -174,3 +174,12 @@ def test_cpu_smoke_end_to_end(tmp_path):
     assert sample.stdout.startswith("def main(") and len(sample.stdout) > len("def main(")
     repeat = subprocess.run(sample.args, capture_output=True, text=True, timeout=300)
     assert repeat.stdout == sample.stdout  # seeded sampling is reproducible
+
+
+def test_sample_cli_bad_checkpoint(tmp_path, capsys):
+    from gptfast.sample import main as sample_main
+
+    assert sample_main([str(tmp_path / "nothing_here.pt")]) == 2
+    assert_one_error_line(capsys.readouterr().err, "does not exist")
+    assert sample_main([str(tmp_path)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "holds no checkpoint")
