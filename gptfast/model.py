@@ -13,7 +13,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptfast.config import ModelConfig
+from gptfast.config import KernelsConfig, ModelConfig
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why gptfast's Triton kernels cannot run on `device`, or None when they can."""
+    try:
+        import kernels
+    except ImportError as e:  # triton is a Linux-only dependency
+        return f"Triton is not importable ({e})"
+    if not kernels.triton_supports(device):
+        return "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on the CPU"
+    return None
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,9 +74,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """GPT-2. `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
+    the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere."""
+
+    def __init__(self, cfg: ModelConfig, kernel_cfg: KernelsConfig | None = None):
         super().__init__()
         self.config = cfg
+        self.kernel_cfg = kernel_cfg or KernelsConfig()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -117,9 +132,31 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if self.kernel_cfg.layernorm and triton_unavailable_reason(x.device) is None:
+            return self._blocks_with_fused_layer_norm(x)
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
+
+    def _blocks_with_fused_layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The Block loop and ln_f, computed the same way but with each residual add fused into
+        the LayerNorm that follows it: 2 * n_layer + 1 LayerNorms, each reading and writing the
+        residual stream once. Under autocast the stream stays fp32 (as in Block.forward, where a
+        bf16 branch adds into it) while the normalised outputs are written in the autocast dtype
+        the next matmul reads."""
+        import kernels
+
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        blocks = self.transformer.h
+        ln = blocks[0].ln_1
+        y = kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype)  # (B, T, C)
+        for i, block in enumerate(blocks):
+            ln = block.ln_2
+            y, x = kernels.add_layer_norm(block.attn(y), x, ln.weight, ln.bias, ln.eps, out_dtype)
+            ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
+            y, x = kernels.add_layer_norm(block.mlp(y), x, ln.weight, ln.bias, ln.eps, out_dtype)
+        return y
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the mean cross-entropy loss against `targets` (B, T) when given,

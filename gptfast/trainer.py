@@ -16,7 +16,7 @@ from gptfast.config import Config, to_toml
 from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer
 from gptfast.errors import CheckpointError, ConfigError, RunDirError
 from gptfast.hardware import mfu, peak_bf16_flops
-from gptfast.model import GPT
+from gptfast.model import GPT, triton_unavailable_reason
 from gptfast.optim import build_optimizer, lr_at
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +75,13 @@ class Trainer:
             log(f"device cpu: training in float32 (train.dtype = {t.dtype} applies on CUDA)")
         torch.manual_seed(t.seed)
 
-        self.model = GPT(cfg.model).to(self.device)
+        self.model = GPT(cfg.model, cfg.kernels).to(self.device)
+        reason = triton_unavailable_reason(self.device)
+        triton_ops = [name for name in ("layernorm",) if getattr(cfg.kernels, name)]
+        if triton_ops and reason:
+            log(f"kernels {', '.join(triton_ops)}: {reason}; this {self.device.type} run uses PyTorch's ops")
+        elif triton_ops:
+            log(f"Triton kernels: {', '.join(triton_ops)}")
         log(f"model: {self.model.num_params():,} parameters ({cfg.model.n_layer} layers, "
             f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})")
         log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "

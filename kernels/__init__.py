@@ -1,8 +1,12 @@
 """gptfast's Triton kernels.
 
-Each op lives in `kernels/<op>.py` (Triton kernel -> launcher -> autograd.Function -> functional).
-Kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1`; they never fall back to
-PyTorch on their own: choosing between Triton and PyTorch ops is the model's job (`[kernels]`).
+Each op lives in `kernels/<op>.py` (Triton kernel -> launcher -> custom op with autograd ->
+functional). Kernels run on CUDA tensors, or on CPU tensors when `TRITON_INTERPRET=1` is set before
+this package is imported; they never fall back to PyTorch on their own: choosing between Triton
+and PyTorch ops is the model's job (`[kernels]` in the config).
 """
 
-__all__: list[str] = []
+from kernels._utils import triton_supports
+from kernels.layernorm import add_layer_norm, layer_norm
+
+__all__ = ["add_layer_norm", "layer_norm", "triton_supports"]

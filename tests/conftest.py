@@ -7,6 +7,12 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run through Triton's CPU interpreter, which must be switched on
+# before any kernel is defined, so before `kernels` is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The GPT-2 BPE files ship beside the checkout for offline machines; an online user's tiktoken
 # downloads them as usual, so this only fills in a variable the environment left unset.

@@ -68,7 +68,7 @@ def test_int_accepted_where_float_expected(tmp_path):
     ('[train]\ndevice = "tpu"\n', "train.device", "auto, cpu, cuda or cuda:N"),
     ("[optim]\nmin_lr = 0.1\nlr = 0.01\n", "optim.min_lr", "must be in [0, optim.lr"),
     ("[optim]\nbetas = [0.9, 1.5]\n", "optim.betas", "[0, 1)"),
-    ("[kernels]\nlayernorm = true\n", "kernels.layernorm", "not available"),
+    ("[kernels]\nadamw = true\n", "kernels.adamw", "not available"),
 ])
 def test_impossible_values(tmp_path, text, key, why):
     msg = error_of(tmp_path, text)

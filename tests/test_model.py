@@ -110,3 +110,25 @@ def test_generate_greedy_is_deterministic_and_respects_context():
     s1 = model.generate(idx, 12, temperature=1.0, top_k=5, generator=g1)
     s2 = model.generate(idx, 12, temperature=1.0, top_k=5, generator=g2)
     assert torch.equal(s1, s2) and int(s1.max()) < 31
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_layer_norm_matches_the_pytorch_path(bias):
+    """[kernels] layernorm = true computes the same loss and gradients (fp32) as nn.LayerNorm."""
+    from gptfast.config import KernelsConfig
+
+    torch.manual_seed(6)
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=101, bias=bias)
+    reference = GPT(cfg)
+    fused = GPT(cfg, KernelsConfig(layernorm=True))
+    fused.load_state_dict(reference.state_dict())
+    x, y = torch.randint(0, 101, (2, 3, 16))
+    losses, grads = [], []
+    for model in (reference, fused):
+        loss = model(x, y)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    names = [name for name, _ in reference.named_parameters()]
+    for name, got, want in zip(names, grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=name)

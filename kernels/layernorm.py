@@ -1,0 +1,331 @@
+"""Fused LayerNorm and residual-add + LayerNorm, forward and backward.
+
+Math (over the last dimension, C elements per row, Ba et al. 2016):
+    s = x + residual                      (add_layer_norm only; s is returned in residual's dtype)
+    mean = sum(s) / C,  rstd = 1 / sqrt(sum((s - mean)^2) / C + eps)
+    xhat = (s - mean) * rstd,  y = xhat * weight + bias
+Backward, with g = dy * weight:
+    ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + ds_in
+    dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+where ds_in is the gradient arriving at the returned sum s (the residual stream); dx = dresidual = ds.
+
+Reference: torch.nn.functional.layer_norm. Mean and rstd are computed and kept in fp32.
+x in float32, bfloat16 or float16. The residual stream may be wider than x (mixed precision keeps
+it in fp32 while the branch outputs are bf16): s takes residual's dtype, and y takes `out_dtype`
+(default: s's dtype), so y can be written directly in the dtype the next matmul reads. weight and
+bias in float32 or s's dtype. One row is held in registers: C up to 16384 (GPT-2 uses 768 to 1600).
+The dweight/dbias reduction is deterministic and lock-free: each backward program sums its rows
+into an fp32 partial, then one torch sum reduces the partials; the same inputs give the same bits
+on every run on a given device.
+Memory traffic, b bytes per element: layer_norm forward reads x and writes y (2 * b * N * C, plus
+8 B per row of stats); add_layer_norm forward reads x and residual and writes s and y
+(4 * b * N * C); backward reads dy and s and writes ds (3 * b * N * C), plus ds_in when present and
+a second dx when x's dtype differs from the stream's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import as_rows, cast_rtne, check_tensors, interpreted, row_block_settings, sm_count
+
+# Backward programs per SM: enough rows in flight to hide latency, few enough partials to sum.
+BWD_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    # data ptrs
+    x_ptr,  # (n_rows, n_cols) input
+    res_ptr,  # (n_rows, n_cols) residual, read when HAS_RESIDUAL
+    s_ptr,  # (n_rows, n_cols) out: x + residual, written when HAS_RESIDUAL
+    y_ptr,  # (n_rows, n_cols) out: normalised output
+    w_ptr,  # (n_cols,) weight
+    b_ptr,  # (n_cols,) bias, read when HAS_BIAS
+    mean_ptr,  # (n_rows,) out: fp32 row mean
+    rstd_ptr,  # (n_rows,) out: fp32 row 1/std
+    # strides
+    stride_x_row, stride_res_row, stride_s_row, stride_y_row,
+    # shapes
+    n_rows, n_cols,
+    # meta
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    # Each program normalises BLOCK_ROWS whole rows held in registers.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,)
+    cols = tl.arange(0, BLOCK_SIZE)  # (C,)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]  # (R, C)
+    x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None] * stride_res_row + cols[None, :], mask=mask, other=0.0)
+        # Round the sum to the stream's dtype before normalising, so y = layer_norm(s) exactly for
+        # the s handed back, as the unfused `s = x + r; layer_norm(s)` computes it.
+        s = cast_rtne(x + res.to(tl.float32), s_ptr.dtype.element_ty, INTERPRETED)
+        tl.store(s_ptr + rows[:, None] * stride_s_row + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols  # (R,)
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)  # (R,)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y_row + cols[None, :], cast_rtne(y, y_ptr.dtype.element_ty, INTERPRETED),
+             mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    # data ptrs
+    dy_ptr,  # (n_rows, n_cols) gradient of y
+    ds_in_ptr,  # (n_rows, n_cols) gradient arriving at s, read when HAS_DS_IN
+    s_ptr,  # (n_rows, n_cols) the normalised input (x, or x + residual)
+    w_ptr,  # (n_cols,) weight
+    mean_ptr,  # (n_rows,) fp32 row mean from the forward
+    rstd_ptr,  # (n_rows,) fp32 row 1/std from the forward
+    ds_ptr,  # (n_rows, n_cols) out: gradient of s (= of the residual; of x when dtypes agree)
+    dx_ptr,  # (n_rows, n_cols) out: the same gradient in x's dtype, written when HAS_DX
+    dw_partial_ptr,  # (n_programs, n_cols) out: fp32 per-program sums of dy * xhat
+    db_partial_ptr,  # (n_programs, n_cols) out: fp32 per-program sums of dy, when HAS_BIAS
+    # strides
+    stride_dy_row, stride_ds_in_row, stride_s_row, stride_ds_row, stride_dx_row,
+    # shapes
+    n_rows, n_cols, rows_per_program,
+    # meta
+    HAS_DS_IN: tl.constexpr,
+    HAS_DX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    # Each program walks its rows_per_program rows in tiles of BLOCK_ROWS, keeping fp32 partial
+    # sums for dweight / dbias in registers; the partials are summed once after the launch.
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)  # (C,)
+    col_mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for tile in range(row_start, row_end, BLOCK_ROWS):
+        rows = tile + tl.arange(0, BLOCK_ROWS)  # (R,)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]  # (R, C)
+        s = tl.load(s_ptr + rows[:, None] * stride_s_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :]
+        c1 = tl.sum(xhat * g, axis=1) / n_cols  # (R,)
+        c2 = tl.sum(g, axis=1) / n_cols  # (R,)
+        ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS_IN:
+            ds += tl.load(ds_in_ptr + rows[:, None] * stride_ds_in_row + cols[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
+        tl.store(ds_ptr + rows[:, None] * stride_ds_row + cols[None, :],
+                 cast_rtne(ds, ds_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        if HAS_DX:
+            tl.store(dx_ptr + rows[:, None] * stride_dx_row + cols[None, :],
+                     cast_rtne(ds, dx_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        dw_acc += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            db_acc += tl.sum(dy, axis=0)
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=col_mask)
+    if HAS_BIAS:
+        tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=col_mask)
+
+
+def _check_params(op: str, ln_dtype: torch.dtype, n_cols: int, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> None:
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.shape != (n_cols,):
+            raise ValueError(f"{op}: {name} must have shape ({n_cols},), got {tuple(p.shape)}")
+        if p.dtype not in (torch.float32, ln_dtype):
+            raise TypeError(f"{op}: {name} must be float32 or {ln_dtype} (the normalised input's dtype), "
+                            f"got {p.dtype}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                   residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+                   y: torch.Tensor | None = None, s: torch.Tensor | None = None,
+                   mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None):
+    """Launch the forward kernel. Returns (y, s, mean, rstd): y shaped like x in `out_dtype`
+    (default: the normalised input's dtype), s = x + residual in residual's dtype (None without a
+    residual), mean and rstd fp32 of shape (n_rows,). Outputs may be passed in preallocated (tests
+    poison them to catch unwritten elements)."""
+    op = "add_layer_norm" if residual is not None else "layer_norm"
+    check_tensors(op, x, residual, weight, bias)
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual must match x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    ln_dtype = residual.dtype if residual is not None else x.dtype
+    out_dtype = out_dtype or ln_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    n_cols = x.shape[-1]
+    _check_params(op, ln_dtype, n_cols, weight, bias)
+    x_rows = as_rows(x, n_cols)
+    n_rows = x_rows.shape[0]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if y is None else y
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device) if mean is None else mean
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if rstd is None else rstd
+    res_rows = s_rows = None
+    if residual is not None:
+        res_rows = as_rows(residual, n_cols)
+        s = torch.empty(x.shape, dtype=ln_dtype, device=x.device) if s is None else s
+        s_rows = s.view(-1, n_cols)
+    else:
+        s = None
+    if n_rows == 0:
+        return y, s, mean, rstd
+    y_rows = y.view(-1, n_cols)
+    block, block_rows, num_warps = row_block_settings(n_cols, torch.finfo(ln_dtype).bits // 8, x.device)
+    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        x_rows, res_rows, s_rows, y_rows, weight, bias, mean, rstd,
+        x_rows.stride(0), res_rows.stride(0) if res_rows is not None else 0,
+        s_rows.stride(0) if s_rows is not None else 0, y_rows.stride(0),
+        n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows,
+        BLOCK_SIZE=block, INTERPRETED=interpreted(x.device), num_warps=num_warps,
+    )
+    return y, s, mean, rstd
+
+
+def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                   mean: torch.Tensor, rstd: torch.Tensor, ds_in: torch.Tensor | None = None,
+                   x_dtype: torch.dtype | None = None, *, ds: torch.Tensor | None = None,
+                   dx: torch.Tensor | None = None):
+    """Launch the backward kernel. `s` is the forward's normalised input. Returns
+    (ds, dx, dweight, dbias): ds in s's dtype; dx, the same gradient in `x_dtype`, only when that
+    differs from s's dtype (else None); dweight, dbias in weight's dtype (dbias None without a bias)."""
+    check_tensors("layer_norm backward", dy, s, weight, ds_in)
+    n_cols = s.shape[-1]
+    s_rows, dy_rows = as_rows(s, n_cols), as_rows(dy, n_cols)
+    ds_in_rows = as_rows(ds_in, n_cols) if ds_in is not None else None
+    n_rows = s_rows.shape[0]
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if ds is None else ds
+    has_dx = x_dtype is not None and x_dtype != s.dtype
+    if has_dx:
+        dx = torch.empty(s.shape, dtype=x_dtype, device=s.device) if dx is None else dx
+    else:
+        dx = None
+    if n_rows == 0:
+        return ds, dx, torch.zeros_like(weight), torch.zeros_like(weight) if has_bias else None
+    ds_rows = ds.view(-1, n_cols)
+    dx_rows = dx.view(-1, n_cols) if has_dx else None
+    n_programs = min(n_rows, BWD_PROGRAMS_PER_SM * sm_count(s.device))
+    rows_per_program = triton.cdiv(n_rows, n_programs)
+    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
+    db_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device) if has_bias else None
+    block, block_rows, num_warps = row_block_settings(n_cols, s.element_size(), s.device)
+    _layer_norm_bwd_kernel[(n_programs,)](
+        dy_rows, ds_in_rows, s_rows, weight, mean, rstd, ds_rows, dx_rows, dw_partial, db_partial,
+        dy_rows.stride(0), ds_in_rows.stride(0) if ds_in_rows is not None else 0, s_rows.stride(0),
+        ds_rows.stride(0), dx_rows.stride(0) if has_dx else 0,
+        n_rows, n_cols, rows_per_program,
+        HAS_DS_IN=ds_in is not None, HAS_DX=has_dx, HAS_BIAS=has_bias, BLOCK_ROWS=block_rows,
+        BLOCK_SIZE=block, INTERPRETED=interpreted(s.device), num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype)
+    db = db_partial.sum(0).to(weight.dtype) if has_bias else None
+    return ds, dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------
+# torch custom ops: opaque to torch.compile (no graph break), with autograd registered on them.
+# custom_op outputs may not alias inputs or each other, so an absent output is an empty tensor.
+
+
+@torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual, out_dtype)
+    return y, s if s is not None else x.new_empty(0), mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, out_dtype):
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    ln_dtype = residual.dtype if residual is not None else x.dtype
+    stats = x.new_empty(n_rows, dtype=torch.float32)
+    s = torch.empty_like(x, dtype=ln_dtype) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x, dtype=out_dtype or ln_dtype), s, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, ds_in: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor,
+                       has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ds, dx, dw, db = layer_norm_bwd(dy, s, weight, has_bias, mean, rstd, ds_in, x_dtype)
+    return ds, dx if dx is not None else s.new_empty(0), dw, db if db is not None else s.new_empty(0)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, ds_in, s, weight, has_bias, mean, rstd, x_dtype):
+    dx = torch.empty_like(s, dtype=x_dtype) if x_dtype != s.dtype else s.new_empty(0)
+    db = torch.empty_like(weight) if has_bias else s.new_empty(0)
+    return torch.empty_like(s), dx, torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, out_dtype = inputs
+    y, s, mean, rstd = output
+    ctx.has_residual, ctx.has_bias, ctx.x_dtype = residual is not None, bias is not None, x.dtype
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, ds, dmean, drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    ds_in = ds if ctx.has_residual and ds is not None else None
+    if dy is None:
+        dy = torch.zeros_like(s)
+    ds, dx, dw, db = _layer_norm_bwd_op(dy, ds_in, s, weight, ctx.has_bias, mean, rstd, ctx.x_dtype)
+    # s = x + residual, so both receive ds, each in its own dtype; where the dtypes agree they share
+    # one tensor, which is safe because autograd never writes into a gradient it did not allocate.
+    if ctx.x_dtype == s.dtype:
+        dx = ds
+    return dx, ds if ctx.has_residual else None, dw, db if ctx.has_bias else None, None, None
+
+
+_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension of `x` (any leading shape); the same result as
+    `F.layer_norm(x, (C,), weight, bias, eps)`, written in `out_dtype` (default x's dtype).
+    Differentiable, and a torch custom op, so torch.compile keeps it in one graph."""
+    return _layer_norm_fwd_op(x, None, weight, bias, eps, out_dtype)[0]
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + residual; y = layer_norm(s)` in one pass: reads x and residual once, writes s and y
+    once. Returns (y, s): s, in residual's dtype, continues the residual stream; y is in
+    `out_dtype` (default s's dtype). Differentiable in x, residual, weight and bias."""
+    y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, eps, out_dtype)
+    return y, s

@@ -1,0 +1,32 @@
+"""PyTorch references and the comparison rule shared by the kernel tests and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Tolerance per dtype for the flash-attention rule below, relative to the reference's scale:
+# fp32 is held tight; bf16 / fp16 get about a quarter of an ulp at 1.0 on top of 2x torch's error.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-4}
+
+
+def assert_close_by_rule(ours: torch.Tensor, torch_same_dtype: torch.Tensor, reference: torch.Tensor,
+                         atol: float, name: str) -> None:
+    """err(ours, ref) <= 2 * err(torch in the same dtype, ref) + atol * scale, errors as max |diff|
+    against a float64 reference; NaN or an unwritten (poisoned) element always fails."""
+    assert ours.shape == reference.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(reference.shape)}"
+    if reference.numel() == 0:
+        return
+    ref = reference.double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values (an unwritten element?)"
+    scale = max(1.0, ref.abs().max().item())
+    err_ours = (ours.double() - ref).abs().max().item()
+    err_torch = (torch_same_dtype.double() - ref).abs().max().item()
+    bound = 2 * err_torch + atol * scale
+    assert err_ours <= bound, f"{name}: error {err_ours:.3e} > bound {bound:.3e} (torch's own error {err_torch:.3e})"
+
+
+def layer_norm_ref(x, weight, bias, eps=1e-5, residual=None):
+    """(y, s): s = x + residual (when given, rounded to x's dtype as an unfused add is), y = LN(s)."""
+    s = x + residual if residual is not None else x
+    return F.layer_norm(s, (x.shape[-1],), weight, bias, eps), s
