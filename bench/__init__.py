@@ -1,0 +1,1 @@
+"""gptfast's benchmark harness: `pytest bench --benchmark-only`."""

@@ -1,0 +1,94 @@
+"""Session-wide benchmark state: the device, its measured ceilings, and the results files.
+
+`pytest bench --benchmark-only` writes three files to bench/results/, named by device and time:
+pytest-benchmark's own JSON (every timing), ours (one row per case and provider, with GB/s,
+floor fractions, tokens/s, MFU, peak memory) and the same rows as a markdown table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run through Triton's interpreter, switched on before any
+# kernel is defined. Its timings say nothing about GPU speed; the results are labelled so.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import (RESULTS_DIR, bench_device, describe_device, measure_bandwidth,  # noqa: E402
+                          sample_power, slug, write_results)
+
+STEM = pytest.StashKey[str]()
+ROWS = pytest.StashKey[list]()
+INFO = pytest.StashKey[object]()
+BANDWIDTH = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    device = bench_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    when = datetime.datetime.now(datetime.timezone.utc)
+    config.stash[STEM] = f"{slug(name)}_{when.strftime('%Y%m%d-%H%M%S')}"
+    config.stash[ROWS] = []
+    config.stash[BANDWIDTH] = {}
+    if config.getoption("benchmark_only", False) and config.getoption("benchmark_json", None) is None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        config.option.benchmark_json = open(RESULTS_DIR / f"{config.stash[STEM]}.pytest-benchmark.json", "wb")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return bench_device()
+
+
+@pytest.fixture(scope="session")
+def device_info(request, device):
+    info = describe_device(device)
+    request.config.stash[INFO] = info
+    sample_power(device, info, "start")
+    return info
+
+
+@pytest.fixture(scope="session")
+def bandwidth(request, device, device_info) -> float:
+    """Measured copy bandwidth (bytes/s): the floor every memory-bound kernel is held against."""
+    value = measure_bandwidth(device)
+    request.config.stash[BANDWIDTH]["value"] = value
+    return value
+
+
+@pytest.fixture
+def record(request, device, device_info):
+    """Append result rows; each is written to the results files at the end of the session."""
+    rows = request.config.stash[ROWS]
+
+    def add(row):
+        rows.append(row)
+        sample_power(device, device_info, f"{row.suite} {row.case} {row.provider}")
+        return row
+
+    return add
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    info = config.stash.get(INFO, None)
+    output_json["gptfast"] = {"device": info.__dict__ if info else None,
+                              "rows": [row.__dict__ for row in config.stash.get(ROWS, [])]}
+
+
+def pytest_sessionfinish(session):
+    rows = session.config.stash.get(ROWS, [])
+    info = session.config.stash.get(INFO, None)
+    if not rows or info is None:
+        return
+    stem = session.config.stash[STEM]
+    when = datetime.datetime.strptime(stem.rsplit("_", 1)[1], "%Y%m%d-%H%M%S").replace(tzinfo=datetime.timezone.utc)
+    json_path, md_path = write_results(rows, info, session.config.stash[BANDWIDTH].get("value"), when=when)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"gptfast results: {json_path} and {md_path}")
+        reporter.write_line(md_path.read_text())
