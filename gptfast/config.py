@@ -96,7 +96,7 @@ class KernelsConfig:
 
 
 # Switches whose kernels this version does not ship yet; asking for one is a config error.
-UNAVAILABLE_KERNELS = ("cross_entropy", "adamw")
+UNAVAILABLE_KERNELS = ("adamw",)
 
 
 @dataclass

@@ -161,13 +161,29 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the mean cross-entropy loss against `targets` (B, T) when given,
         else logits over the real vocabulary (B, T, vocab_size)."""
-        logits = self.lm_head(self.hidden_states(idx))  # (B, T, V_pad)
+        hidden = self.hidden_states(idx)  # (B, T, C)
+        if targets is not None and self.kernel_cfg.cross_entropy and triton_unavailable_reason(idx.device) is None:
+            return self._fused_loss(hidden, targets)
+        logits = self.lm_head(hidden)  # (B, T, V_pad)
         # The padding columns are sliced off, so the softmax runs over the real vocabulary only: a
         # zero padding row would otherwise give logit 0, which dominates trained GPT-2's logits.
         logits = logits[..., : self.config.vocab_size]  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def _fused_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy through the fused linear + cross-entropy kernel: the (B*T, V)
+        logits are never held, only chunks of them. The weight is the tied embedding without its
+        padding rows, so the gradient lands in the shared parameter and the softmax runs over the
+        real vocabulary, exactly as in the unfused path."""
+        import kernels
+
+        device_type = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        weight = self.lm_head.weight[: self.config.vocab_size]  # (V, C), a view of the tied parameter
+        return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
+                                            compute_dtype=compute_dtype)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -77,7 +77,7 @@ class Trainer:
 
         self.model = GPT(cfg.model, cfg.kernels).to(self.device)
         reason = triton_unavailable_reason(self.device)
-        triton_ops = [name for name in ("layernorm",) if getattr(cfg.kernels, name)]
+        triton_ops = [name for name in ("layernorm", "cross_entropy") if getattr(cfg.kernels, name)]
         if triton_ops and reason:
             log(f"kernels {', '.join(triton_ops)}: {reason}; this {self.device.type} run uses PyTorch's ops")
         elif triton_ops:

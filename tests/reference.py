@@ -30,3 +30,9 @@ def layer_norm_ref(x, weight, bias, eps=1e-5, residual=None):
     """(y, s): s = x + residual (when given, rounded to x's dtype as an unfused add is), y = LN(s)."""
     s = x + residual if residual is not None else x
     return F.layer_norm(s, (x.shape[-1],), weight, bias, eps), s
+
+
+def cross_entropy_ref(logits, targets, ignore_index=-100, reduction="mean"):
+    """F.cross_entropy with the math in fp32 (or fp64 for an fp64 input), as the kernels do."""
+    return F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
+                           ignore_index=ignore_index, reduction=reduction)

@@ -112,15 +112,18 @@ def test_generate_greedy_is_deterministic_and_respects_context():
     assert torch.equal(s1, s2) and int(s1.max()) < 31
 
 
+@pytest.mark.parametrize("switches", [dict(layernorm=True), dict(cross_entropy=True),
+                                      dict(layernorm=True, cross_entropy=True)], ids=["ln", "ce", "ln+ce"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_layer_norm_matches_the_pytorch_path(bias):
-    """[kernels] layernorm = true computes the same loss and gradients (fp32) as nn.LayerNorm."""
+def test_fused_kernels_match_the_pytorch_path(bias, switches):
+    """Each [kernels] switch computes the same loss and gradients (fp32) as the PyTorch path;
+    for cross_entropy the gradient reaches the tied embedding through both of its uses."""
     from gptfast.config import KernelsConfig
 
     torch.manual_seed(6)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=101, bias=bias)
     reference = GPT(cfg)
-    fused = GPT(cfg, KernelsConfig(layernorm=True))
+    fused = GPT(cfg, KernelsConfig(**switches))
     fused.load_state_dict(reference.state_dict())
     x, y = torch.randint(0, 101, (2, 3, 16))
     losses, grads = [], []

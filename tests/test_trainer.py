@@ -185,11 +185,12 @@ def test_sample_cli_bad_checkpoint(tmp_path, capsys):
     assert_one_error_line(capsys.readouterr().err, "holds no checkpoint")
 
 
-def test_golden_trajectory_with_fused_layer_norm(tiny_config, tmp_path):
-    """llm.c's check: training steps with the kernel on track the PyTorch path's losses (fp32)."""
+def test_golden_trajectory_with_fused_kernels(tiny_config, tmp_path):
+    """llm.c's check: training steps with the kernels on track the PyTorch path's losses (fp32)."""
     off = Trainer(tiny_config(out_dir=tmp_path / "off"), log=quiet)
     off.run()
-    on = Trainer(tiny_config({"kernels.layernorm": True}, out_dir=tmp_path / "on"), log=quiet)
+    on = Trainer(tiny_config({"kernels.layernorm": True, "kernels.cross_entropy": True}, out_dir=tmp_path / "on"),
+                 log=quiet)
     on.run()
     for (step, want), (_, got) in zip(records(tmp_path / "off"), records(tmp_path / "on")):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), step

@@ -1,0 +1,365 @@
+"""Cross-entropy over a large vocabulary, and linear + cross-entropy that never holds the logits.
+
+Math, per row r with logits z (V entries) and target t (rows with t == ignore_index count for
+nothing):
+    lse_r = log(sum_j exp(z_j)),  loss_r = lse_r - z_t
+    dloss/dz_j = (softmax(z)_j - [j == t]) * scale_r
+with scale_r = grad_output / n_valid for reduction "mean" (n_valid: rows not ignored),
+grad_output for "sum", grad_output[r] for "none". Reference: torch.nn.functional.cross_entropy.
+
+The kernel walks a row in blocks of BLOCK_V with an online log-sum-exp (Milakov & Gimelshein 2018),
+so any V works; all arithmetic is fp32 whatever the logits' dtype (fp32, bf16, fp16).
+- `cross_entropy`: forward reads the logits once and keeps the fp32 lse per row; backward reads
+  them again and writes the gradient (into the logits' own storage with inplace_backward=True).
+- `linear_cross_entropy`: rows go in chunks sized by a memory budget; each chunk's logits come
+  from a cuBLAS matmul, the kernel turns them into their gradient in place, and grad_hidden and an
+  fp32 grad_weight are built chunk by chunk, during the forward. The (N, V) logits never exist,
+  and chunks are large (hundreds to thousands of rows), so the (V, C) fp32 grad_weight is read and
+  written a handful of times, not once per few rows.
+Targets outside [0, V) other than ignore_index raise an error through an asynchronous device-side
+check (`torch._assert_async`): no host sync on the hot path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import cast_rtne, check_tensors, interpreted
+
+REDUCTIONS = ("mean", "sum", "none")
+# Default memory for one chunk's logits in linear_cross_entropy.
+CHUNK_BYTES = 256 * 2**20
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    # data ptrs
+    logits_ptr,  # (n_rows, n_cols) logits, read
+    targets_ptr,  # (n_rows,) int64 target ids
+    lse_ptr,  # (n_rows,) fp32 log-sum-exp: written when not HAS_LSE, read when HAS_LSE
+    loss_ptr,  # (n_rows,) fp32 out: per-row loss, written when WRITE_LOSS
+    grad_ptr,  # (n_rows, n_cols) out: gradient of the logits (may be logits_ptr), when COMPUTE_GRAD
+    grad_output_ptr,  # (1,) or (n_rows,) fp32 upstream gradient, when COMPUTE_GRAD
+    n_valid_ptr,  # (1,) fp32 count of rows whose target is not ignore_index, for MEAN
+    # strides
+    stride_logits_row, stride_grad_row,
+    # shapes
+    n_cols,
+    # meta
+    ignore_index,
+    HAS_LSE: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    GRAD_OUTPUT_PER_ROW: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+    target = tl.load(targets_ptr + row)
+    ignored = target == ignore_index
+    cols = tl.arange(0, BLOCK_V)
+    if HAS_LSE:
+        lse = tl.load(lse_ptr + row)
+    else:
+        # Online log-sum-exp: a running max m and sum s of exp(z - m), rescaled as m grows.
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, n_cols, BLOCK_V):
+            z = tl.load(logits_row + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + row, lse)
+    if WRITE_LOSS:
+        safe_target = tl.where(ignored, 0, target)
+        z_target = tl.load(logits_row + safe_target).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_target))
+    if COMPUTE_GRAD:
+        if GRAD_OUTPUT_PER_ROW:
+            scale = tl.load(grad_output_ptr + row)
+        else:
+            scale = tl.load(grad_output_ptr)
+        if MEAN:
+            scale = scale / tl.maximum(tl.load(n_valid_ptr), 1.0)
+        scale = tl.where(ignored, 0.0, scale)
+        grad_row = grad_ptr + row * stride_grad_row
+        for start in range(0, n_cols, BLOCK_V):
+            mask = start + cols < n_cols
+            z = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(z - lse)
+            p = tl.where(start + cols == target, p - 1.0, p)
+            tl.store(grad_row + start + cols, cast_rtne(p * scale, grad_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+def _block_v(n_cols: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): 4096 columns per step keeps 16 fp32 values per thread at 8 warps; the
+    interpreter, which pays per step, takes the whole row (up to 64k columns) at once."""
+    if interpreted(device):
+        return min(65536, triton.next_power_of_2(n_cols)), 1
+    return min(4096, triton.next_power_of_2(n_cols)), 8
+
+
+def _check_targets(targets: torch.Tensor, n_rows: int, n_cols: int, ignore_index: int) -> None:
+    if targets.dtype != torch.int64 or targets.shape != (n_rows,):
+        raise ValueError(f"targets must be int64 of shape ({n_rows},), got {targets.dtype} {tuple(targets.shape)}")
+    if n_rows:
+        ok = ((targets >= 0) & (targets < n_cols)) | (targets == ignore_index)
+        # Raised on the device, without waiting for it (synchronously on the CPU).
+        torch._assert_async(ok.all(), f"cross_entropy: a target id is outside [0, {n_cols}) and is not "
+                                      f"ignore_index ({ignore_index})")
+
+
+def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, lse: torch.Tensor, *,
+                         lse_given: bool = False, loss: torch.Tensor | None = None,
+                         grad: torch.Tensor | None = None, grad_output: torch.Tensor | None = None,
+                         reduction: str = "mean", n_valid: torch.Tensor | None = None) -> None:
+    """Launch the kernel over every row of (N, V) `logits`. It computes the fp32 log-sum-exp into
+    `lse` (or reads it, with `lse_given`), per-row losses into `loss` when given, and, when `grad`
+    is given (it may be `logits` itself), the gradient scaled by `grad_output` (one value, or one
+    per row for "none") and by 1 / n_valid for "mean"."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    block_v, num_warps = _block_v(n_cols, logits.device)
+    compute_grad = grad is not None
+    _cross_entropy_kernel[(n_rows,)](
+        logits, targets, lse, loss, grad, grad_output, n_valid,
+        logits.stride(0), grad.stride(0) if compute_grad else 0,
+        n_cols, ignore_index,
+        HAS_LSE=lse_given, WRITE_LOSS=loss is not None, COMPUTE_GRAD=compute_grad,
+        GRAD_OUTPUT_PER_ROW=compute_grad and reduction == "none", MEAN=reduction == "mean",
+        BLOCK_V=block_v, INTERPRETED=interpreted(logits.device), num_warps=num_warps,
+    )
+
+
+def _check_logits(op: str, logits: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be (N, V), got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.stride(-1) != 1:
+        raise ValueError(f"{op}: logits must have unit stride along the vocabulary")
+
+
+def _reduce(loss_rows: torch.Tensor, reduction: str, n_valid: torch.Tensor) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / n_valid if reduction == "mean" else total
+
+
+# ------------------------------------------------------------------------------------------------
+# cross_entropy: custom ops (forward, backward into a new buffer, backward in place)
+
+
+@torch.library.custom_op("gptfast::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_tensors("cross_entropy", logits, targets)
+    _check_logits("cross_entropy", logits)
+    _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index)
+    n_rows = logits.shape[0]
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    cross_entropy_launch(logits, targets, ignore_index, lse, loss=loss_rows)
+    n_valid = (targets != ignore_index).sum().float()
+    return _reduce(loss_rows, reduction, n_valid), lse, n_valid
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, targets, ignore_index, reduction):
+    n_rows = logits.shape[0]
+    loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptfast::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, n_valid: torch.Tensor,
+                          grad_output: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    grad = torch.empty_like(logits)
+    cross_entropy_launch(logits, targets, ignore_index, lse, lse_given=True, grad=grad,
+                         grad_output=grad_output.float().contiguous(), reduction=reduction, n_valid=n_valid)
+    return grad
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(logits, targets, lse, n_valid, grad_output, ignore_index, reduction):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("gptfast::cross_entropy_bwd_inplace", mutates_args=("logits",))
+def _cross_entropy_bwd_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                  n_valid: torch.Tensor, grad_output: torch.Tensor, ignore_index: int,
+                                  reduction: str) -> None:
+    cross_entropy_launch(logits, targets, ignore_index, lse, lse_given=True, grad=logits,
+                         grad_output=grad_output.float().contiguous(), reduction=reduction, n_valid=n_valid)
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Autograd over the custom ops; a Function (not register_autograd) because the in-place
+    backward hands back the logits' own storage as their gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, inplace_backward):
+        loss, lse, n_valid = _cross_entropy_fwd_op(logits, targets, ignore_index, reduction)
+        ctx.save_for_backward(logits, targets, lse, n_valid)
+        ctx.ignore_index, ctx.reduction, ctx.inplace_backward = ignore_index, reduction, inplace_backward
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, lse, n_valid = ctx.saved_tensors
+        args = (targets, lse, n_valid, grad_output, ctx.ignore_index, ctx.reduction)
+        if ctx.inplace_backward:
+            _cross_entropy_bwd_inplace_op(logits, *args)
+            grad = logits
+        else:
+            grad = _cross_entropy_bwd_op(logits, *args)
+        return grad, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", inplace_backward: bool = False) -> torch.Tensor:
+    """`F.cross_entropy(logits, targets, ignore_index=..., reduction=...)` for (N, V) logits in
+    fp32 / bf16 / fp16 (math in fp32) and int64 targets (N,). With `inplace_backward=True` the
+    gradient is written over the logits (saving an (N, V) buffer): only for logits nothing else
+    reads after the loss."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return _CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, inplace_backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_cross_entropy
+
+
+def chunk_rows(n_rows: int, vocab: int, element_size: int, chunk_bytes: int) -> int:
+    """Rows per chunk: as many as `chunk_bytes` of logits hold, at least 128 (so grad_weight, read
+    and written once per chunk, costs little next to the chunk's own logits), a multiple of 64 for
+    the matmuls, and no more than needed."""
+    rows = max(128, chunk_bytes // max(1, vocab * element_size)) // 64 * 64
+    return max(1, min(n_rows, rows))
+
+
+def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
+                      grad_output_rows, want_grads):
+    """The chunk loop shared by forward (loss, and gradients scaled for mean/sum) and the
+    reduction="none" backward (gradients scaled per row).
+    Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads."""
+    n_rows, n_cols = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    w = weight.to(compute_dtype)  # (V, C): one cast per call, as autocast would do for F.linear
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    n_valid = (targets != ignore_index).sum().float()
+    grad_hidden = torch.empty_like(hidden) if want_grads else None
+    grad_weight = torch.zeros(vocab, n_cols, dtype=torch.float32, device=device) if want_grads else None
+    grad_output = grad_output_rows if grad_output_rows is not None else torch.ones(1, dtype=torch.float32, device=device)
+    step = chunk_rows(n_rows, vocab, torch.finfo(compute_dtype).bits // 8, chunk_bytes)
+    for start in range(0, n_rows, step):
+        end = min(start + step, n_rows)
+        h = hidden[start:end].to(compute_dtype)  # (n, C)
+        logits = h @ w.T  # (n, V)
+        go = grad_output[start:end] if grad_output_rows is not None else grad_output
+        cross_entropy_launch(logits, targets[start:end], ignore_index, lse[start:end], loss=loss_rows[start:end],
+                             grad=logits if want_grads else None, grad_output=go, reduction=reduction,
+                             n_valid=n_valid)
+        if want_grads:  # logits now hold their gradient
+            grad_hidden[start:end] = logits @ w  # (n, C)
+            grad_weight += (logits.T @ h).float()  # (V, C), accumulated in fp32 across chunks
+    return loss_rows, n_valid, grad_hidden, grad_weight
+
+
+@torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
+def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                      reduction: str, compute_dtype: torch.dtype, chunk_bytes: int, want_grads: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_tensors("linear_cross_entropy", hidden, weight, targets)
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
+    grads_now = want_grads and reduction != "none"  # "none" needs per-row grad_output: backward recomputes
+    loss_rows, n_valid, grad_hidden, grad_weight = _linear_ce_chunks(
+        hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now)
+    return (_reduce(loss_rows, reduction, n_valid), grad_hidden if grads_now else hidden.new_empty(0),
+            grad_weight if grads_now else hidden.new_empty(0))
+
+
+@_linear_ce_fwd_op.register_fake
+def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads):
+    grads_now = want_grads and reduction != "none"
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if grads_now else hidden.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if grads_now else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight
+
+
+@torch.library.custom_op("gptfast::linear_cross_entropy_bwd_rows", mutates_args=())
+def _linear_ce_bwd_rows_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           grad_output: torch.Tensor, ignore_index: int, compute_dtype: torch.dtype,
+                           chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, grad_hidden, grad_weight = _linear_ce_chunks(
+        hidden, weight, targets, ignore_index, "none", compute_dtype, chunk_bytes,
+        grad_output.float().contiguous(), True)
+    return grad_hidden, grad_weight
+
+
+@_linear_ce_bwd_rows_op.register_fake
+def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_bytes):
+    return torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads = inputs
+    _, grad_hidden, grad_weight = output
+    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+    ctx.compute_dtype, ctx.chunk_bytes, ctx.weight_dtype = compute_dtype, chunk_bytes, weight.dtype
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, targets)
+    else:
+        ctx.save_for_backward(grad_hidden, grad_weight)
+
+
+def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
+    if ctx.reduction == "none":
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden, grad_weight = _linear_ce_bwd_rows_op(hidden, weight, targets, grad_loss, ctx.ignore_index,
+                                                          ctx.compute_dtype, ctx.chunk_bytes)
+    else:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden.numel() == 0 and grad_weight.numel() == 0:
+            raise RuntimeError("linear_cross_entropy: backward through a forward run without gradients")
+        # The forward computed the gradients for grad_output = 1; scaling is a device op, no sync.
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = grad_weight * grad_loss
+    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None)
+
+
+_linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         compute_dtype: torch.dtype | None = None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, targets)` without the (N, V) logits.
+
+    hidden (N, C), weight (V, C) (a tied embedding works: the gradient lands in the parameter),
+    targets (N,) int64. The matmuls run in `compute_dtype` (default hidden's dtype; pass the
+    autocast dtype under autocast); gradients come back in each input's own dtype, grad_weight
+    accumulated in fp32. `chunk_bytes` bounds one chunk's logits. For "mean" and "sum" the
+    gradients are computed during the forward (the logits exist only chunk by chunk, then);
+    "none" computes its gradients in backward, recomputing each chunk's logits.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) must share C, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    compute_dtype = compute_dtype or hidden.dtype
+    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
+                             want_grads)[0]

@@ -1,0 +1,212 @@
+"""kernels.cross_entropy against F.cross_entropy: losses and gradients for every reduction, ignored
+targets, awkward shapes, fp32 and bf16, poisoned outputs, the fused linear + cross-entropy's
+memory, and the model with the kernel on and off."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cross_entropy, linear_cross_entropy
+from kernels.cross_entropy import chunk_rows, cross_entropy_launch
+from reference import ATOL, assert_close_by_rule, cross_entropy_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 5), (7, 50257), (130, 1000), (64, 50304), (33, 257)]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def make_targets(n_rows, vocab, gen, ignore_share=0.2, ignore_index=-100):
+    targets = torch.randint(0, vocab, (n_rows,), generator=gen)
+    targets[torch.rand(n_rows, generator=gen) < ignore_share] = ignore_index
+    return targets.to(DEVICE)
+
+
+def grad_output_for(loss, gen):
+    """Not 1: a random scalar, or a random vector for reduction="none"."""
+    return (torch.rand(loss.shape, generator=gen) * 2 + 0.5).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_matches_torch(shape, dtype, reduction, request):
+    gen = torch.Generator().manual_seed(hash(request.node.name) % 2**31)
+    n_rows, vocab = shape
+    logits = (torch.randn(n_rows, vocab, generator=gen) * 3).to(DEVICE, dtype).requires_grad_()
+    targets = make_targets(n_rows, vocab, gen)
+    ours = cross_entropy(logits, targets, reduction=reduction)
+    same = cross_entropy_ref(logits, targets, reduction=reduction)  # fp32 math, as torch does under autocast
+    ref64 = logits.detach().double().requires_grad_()
+    exact = cross_entropy_ref(ref64, targets, reduction=reduction)
+    go = grad_output_for(ours, gen)
+    (g_ours,) = torch.autograd.grad(ours, logits, go)
+    (g_same,) = torch.autograd.grad(same, logits, go)
+    (g_exact,) = torch.autograd.grad(exact, ref64, go.double())
+    assert ours.dtype == torch.float32 and ours.shape == exact.shape
+    assert g_ours.dtype == dtype
+    assert_close_by_rule(ours, same, exact, ATOL[torch.float32], "loss")
+    assert_close_by_rule(g_ours, g_same, g_exact, ATOL[dtype], "grad")
+    assert torch.all(g_ours[targets == -100] == 0)
+
+
+def test_other_ignore_index_and_all_ignored():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 40, generator=gen).to(DEVICE).requires_grad_()
+    targets = make_targets(9, 40, gen, ignore_share=0.5, ignore_index=3)
+    ours = cross_entropy(logits, targets, ignore_index=3)
+    want = F.cross_entropy(logits, targets, ignore_index=3)
+    torch.testing.assert_close(ours, want)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(want, logits)[0])
+    everything = torch.full((9,), -100, device=DEVICE)
+    loss = cross_entropy(logits, everything)
+    assert torch.isnan(loss)  # 0 / 0, as F.cross_entropy gives
+    assert torch.equal(torch.autograd.grad(loss, logits)[0], torch.zeros_like(logits))
+
+
+def test_launcher_writes_every_element():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(21, 5000, generator=gen).to(DEVICE, torch.bfloat16)
+    targets = make_targets(21, 5000, gen)
+    nan = float("nan")
+    lse, loss = torch.full((21,), nan, device=DEVICE), torch.full((21,), nan, device=DEVICE)
+    grad = torch.full_like(logits, nan)
+    n_valid = (targets != -100).sum().float()
+    cross_entropy_launch(logits, targets, -100, lse, loss=loss, grad=grad,
+                         grad_output=torch.ones(1, device=DEVICE), n_valid=n_valid)
+    assert torch.isfinite(lse).all() and torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), dim=-1))
+
+
+def test_logits_are_kept_unless_inplace_is_asked():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 300, generator=gen).to(DEVICE).requires_grad_()
+    before = logits.detach().clone()
+    targets = make_targets(16, 300, gen)
+    (grad,) = torch.autograd.grad(cross_entropy(logits, targets), logits)
+    assert torch.equal(logits.detach(), before)
+    work = before.clone().requires_grad_()
+    view = work * 1.0  # a non-leaf the caller no longer needs
+    (grad_inplace,) = torch.autograd.grad(cross_entropy(view, targets, inplace_backward=True), work)
+    torch.testing.assert_close(grad_inplace, grad)
+    torch.testing.assert_close(view.detach(), grad)  # the logits' storage now holds the gradient
+
+
+def test_bad_targets_and_arguments():
+    logits = torch.randn(4, 10, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 10\)"):
+        cross_entropy(logits, torch.tensor([0, 1, 10, 2], device=DEVICE))
+    with pytest.raises(RuntimeError, match=r"outside \[0, 10\)"):
+        cross_entropy(logits, torch.tensor([0, -1, 3, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="targets must be int64"):
+        cross_entropy(logits, torch.tensor([0, 1, 2, 3], device=DEVICE, dtype=torch.int32))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        cross_entropy(logits, torch.tensor([0, 1, 2, 3], device=DEVICE), reduction="avg")
+    with pytest.raises(ValueError, match="must share C"):
+        linear_cross_entropy(torch.randn(4, 8, device=DEVICE), torch.randn(10, 9, device=DEVICE),
+                             torch.zeros(4, dtype=torch.long, device=DEVICE))
+
+
+def test_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        cross_entropy(torch.randn(2, 8), torch.tensor([1, 2]))
+
+
+def test_deterministic_bits():
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(300, 32, generator=gen).to(DEVICE).requires_grad_()
+    weight = torch.randn(700, 32, generator=gen).to(DEVICE).requires_grad_()
+    targets = make_targets(300, 700, gen)
+    runs = []
+    for _ in range(2):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_bytes=700 * 4 * 128)
+        runs.append((loss,) + torch.autograd.grad(loss, (hidden, weight)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_rows, width, vocab", [(130, 64, 1000), (37, 48, 50257), (300, 24, 515)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_fp32(n_rows, width, vocab, reduction, request):
+    gen = torch.Generator().manual_seed(hash(request.node.name) % 2**31)
+    hidden = torch.randn(n_rows, width, generator=gen).to(DEVICE).requires_grad_()
+    weight = (torch.randn(vocab, width, generator=gen) * 0.2).to(DEVICE).requires_grad_()
+    targets = make_targets(n_rows, vocab, gen)
+    # a small budget forces several chunks, the last one partial
+    ours = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_bytes=vocab * 4 * 128)
+    want = F.cross_entropy(hidden @ weight.T, targets, reduction=reduction)
+    go = grad_output_for(ours, gen)
+    got_grads = torch.autograd.grad(ours, (hidden, weight), go)
+    want_grads = torch.autograd.grad(want, (hidden, weight), go)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("grad_hidden", "grad_weight"), got_grads, want_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_bf16(reduction):
+    """bf16 matmuls: error against an fp64 reference within twice the PyTorch bf16 path's."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(200, 64, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    weight = (torch.randn(3001, 64, generator=gen) * 0.2).to(DEVICE).requires_grad_()  # fp32 master weight
+    targets = make_targets(200, 3001, gen)
+    ours = linear_cross_entropy(hidden, weight, targets, reduction=reduction, compute_dtype=torch.bfloat16,
+                                chunk_bytes=3001 * 2 * 64)
+    same = cross_entropy_ref(hidden @ weight.to(torch.bfloat16).T, targets, reduction=reduction)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact = F.cross_entropy(h64 @ w64.T, targets, reduction=reduction)
+    go = grad_output_for(ours, gen)
+    g_ours = torch.autograd.grad(ours, (hidden, weight), go)
+    g_same = torch.autograd.grad(same, (hidden, weight), go)
+    g_exact = torch.autograd.grad(exact, (h64, w64), go.double())
+    assert g_ours[0].dtype == torch.bfloat16 and g_ours[1].dtype == torch.float32
+    assert_close_by_rule(ours, same, exact, ATOL[torch.bfloat16], "loss")
+    for name, a, b, c in zip(("grad_hidden", "grad_weight"), g_ours, g_same, g_exact):
+        assert_close_by_rule(a, b, c, ATOL[torch.bfloat16], name)
+
+
+def test_linear_cross_entropy_saves_nothing_of_size_n_by_v():
+    n_rows, width, vocab = 512, 32, 4000
+    hidden = torch.randn(n_rows, width, device=DEVICE, requires_grad=True)
+    weight = torch.randn(vocab, width, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, vocab, (n_rows,), device=DEVICE)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_bytes=vocab * 4 * 128)
+    assert saved and max(saved) < n_rows * vocab / 4, saved
+    loss.backward()
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reference = F.cross_entropy(hidden @ weight.T, targets)
+    assert max(saved) >= n_rows * vocab  # the unfused path does keep the logits
+    reference.backward()
+
+
+def test_chunk_rows():
+    assert chunk_rows(8192, 50257, 2, 256 * 2**20) == 2624  # ~256 MiB of bf16 logits per chunk
+    assert chunk_rows(8192, 50257, 2, 1) == 128  # never tiny chunks
+    assert chunk_rows(100, 50257, 2, 256 * 2**20) == 100
+    assert chunk_rows(8192, 1000, 4, 256 * 2**20) == 8192
+
+
+def test_compiles_without_graph_break():
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(64, 16, generator=gen).to(DEVICE).requires_grad_()
+    weight = torch.randn(300, 16, generator=gen).to(DEVICE).requires_grad_()
+    targets = make_targets(64, 300, gen)
+
+    def loss_fn(h, w, t):
+        return linear_cross_entropy(torch.tanh(h), w, t) + cross_entropy(h @ w.T, t, reduction="sum") / 64
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = compiled(hidden, weight, targets)
+    want = loss_fn(hidden, weight, targets)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+        torch.testing.assert_close(a, b)
