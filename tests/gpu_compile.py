@@ -23,7 +23,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import torch  # noqa: E402
 
-import kernels.layernorm as layernorm  # noqa: E402
+import importlib  # noqa: E402
+
+# importlib, because `kernels.cross_entropy` as an attribute is the function the package exports
+cross_entropy = importlib.import_module("kernels.cross_entropy")
+layernorm = importlib.import_module("kernels.layernorm")
 from kernels._utils import row_block_settings  # noqa: E402
 
 CUDA = torch.device("cuda")  # launch settings as the launchers choose them on a GPU
@@ -67,6 +71,26 @@ def layer_norm_cases():
                    constexprs, num_warps)
 
 
+def cross_entropy_cases():
+    signature = {
+        "logits_ptr": None, "targets_ptr": "*i64", "lse_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": None,
+        "grad_output_ptr": "*fp32", "n_valid_ptr": "*fp32", "stride_logits_row": "i64", "stride_grad_row": "i64",
+        "n_cols": "i32", "ignore_index": "i64",
+    }
+    for dtype in ("bf16", "fp32", "fp16"):
+        for has_lse, write_loss, grad, per_row, mean in ((False, True, False, False, False),  # forward
+                                                         (True, False, True, False, True),  # backward, mean
+                                                         (True, False, True, True, False),  # backward, none
+                                                         (False, True, True, False, True)):  # fused, in place
+            meta = {"HAS_LSE": has_lse, "WRITE_LOSS": write_loss, "COMPUTE_GRAD": grad,
+                    "GRAD_OUTPUT_PER_ROW": per_row, "MEAN": mean, "BLOCK_V": 4096, "INTERPRETED": False}
+            sig = dict(signature, logits_ptr=f"*{dtype}", grad_ptr=f"*{dtype}" if grad else "constexpr",
+                       **{k: "constexpr" for k in meta})
+            constexprs = dict(meta) if grad else dict(meta, grad_ptr=None)
+            yield (f"cross_entropy {dtype} lse_given={has_lse} loss={write_loss} grad={grad} per_row={per_row}",
+                   cross_entropy._cross_entropy_kernel, sig, constexprs, 8)
+
+
 def ptxas_report(ptx: str, arch: int) -> str:
     """Registers per thread and spill bytes, as ptxas reports them for this PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -86,7 +110,7 @@ def ptxas_report(ptx: str, arch: int) -> str:
 def main() -> int:
     failures = 0
     for target_name, target in TARGETS.items():
-        for name, fn, signature, constexprs, num_warps in layer_norm_cases():
+        for name, fn, signature, constexprs, num_warps in (*layer_norm_cases(), *cross_entropy_cases()):
             source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             try:
                 compiled = triton.compile(source, target=target, options={"num_warps": num_warps})

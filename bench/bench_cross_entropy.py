@@ -1,0 +1,102 @@
+"""Cross-entropy and fused linear + cross-entropy: gptfast vs torch eager vs torch.compile.
+
+cross_entropy forward + backward, bf16 logits (N, V): the floor reads the logits once and writes
+their gradient once, 2 * 2 * N * V bytes (the kernel reads them twice: once for the log-sum-exp,
+once for the gradient). linear_cross_entropy is held against F.linear + F.cross_entropy on time and
+on the peak memory the loss adds on top of its inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.common import Row, bandwidth_row, on_gpu, rotating, synchronize, time_calls
+from kernels import cross_entropy, linear_cross_entropy
+
+VOCAB = 50257
+CE_ROWS = [8192, 16384] if on_gpu() else [64]
+LINEAR_SHAPES = [(8192, 768), (8192, 1024)] if on_gpu() else [(64, 64)]
+PROVIDERS = ["gptfast", "torch", "torch_compile"]
+
+
+def torch_cross_entropy(logits, targets):
+    return F.cross_entropy(logits.float(), targets)
+
+
+def torch_linear_cross_entropy(hidden, weight, targets):
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+
+
+def gptfast_linear_cross_entropy(hidden, weight, targets):
+    return linear_cross_entropy(hidden, weight, targets, compute_dtype=torch.bfloat16)
+
+
+def provider_fn(provider, ours, theirs):
+    if provider == "gptfast":
+        return ours
+    return torch.compile(theirs) if provider == "torch_compile" else theirs
+
+
+def peak_loss_memory(run, device) -> int | None:
+    """Bytes the loss's forward + backward allocates above what was live before it."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("n_rows", CE_ROWS)
+def test_cross_entropy(benchmark, record, device, bandwidth, n_rows, provider):
+    fn = provider_fn(provider, cross_entropy, torch_cross_entropy)
+    bytes_moved = 2 * n_rows * VOCAB * 2
+
+    def make():
+        logits = torch.randn(n_rows, VOCAB, device=device, dtype=torch.bfloat16, requires_grad=True)
+        return logits, torch.randint(0, VOCAB, (n_rows,), device=device)
+
+    sets = rotating(make, bytes_moved, device)
+
+    def call(i):
+        logits, targets = sets[i]
+        torch.autograd.grad(fn(logits, targets), logits)
+
+    seconds = time_calls(benchmark, call, device, len(sets))
+    row = bandwidth_row("cross_entropy", f"fwd+bwd N={n_rows} V={VOCAB} bf16", provider, seconds, bytes_moved,
+                        bandwidth)
+    peak = peak_loss_memory(lambda: call(0), device)
+    row.extra["loss peak MiB"] = None if peak is None else round(peak / 2**20)
+    record(row)
+    benchmark.extra_info.update(gbps=row.gbps, floor_fraction=row.floor_fraction, peak_bytes=peak)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"N{s[0]}-C{s[1]}")
+def test_linear_cross_entropy(benchmark, record, device, shape, provider):
+    n_rows, width = shape
+    fn = provider_fn(provider, gptfast_linear_cross_entropy, torch_linear_cross_entropy)
+    weight = (torch.randn(VOCAB, width, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
+
+    def make():
+        hidden = torch.randn(n_rows, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+        return hidden, torch.randint(0, VOCAB, (n_rows,), device=device)
+
+    sets = rotating(make, n_rows * width * 2 * 2, device)
+
+    def call(i):
+        hidden, targets = sets[i]
+        torch.autograd.grad(fn(hidden, weight, targets), (hidden, weight))
+
+    seconds = time_calls(benchmark, call, device, len(sets), rounds=10)
+    peak = peak_loss_memory(lambda: call(0), device)
+    tokens_per_second = n_rows / seconds
+    row = record(Row("linear_cross_entropy", f"fwd+bwd N={n_rows} C={width} V={VOCAB} bf16", provider, seconds,
+                     extra={"loss peak MiB": None if peak is None else round(peak / 2**20),
+                            "tokens/s": f"{tokens_per_second:,.0f}"}))
+    benchmark.extra_info.update(peak_bytes=peak, tokens_per_second=tokens_per_second, case=row.case)
