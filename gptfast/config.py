@@ -95,10 +95,6 @@ class KernelsConfig:
     adamw: bool = _field(False, "Triton fused AdamW with fused gradient clipping")
 
 
-# Switches whose kernels this version does not ship yet; asking for one is a config error.
-UNAVAILABLE_KERNELS = ("adamw",)
-
-
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,9 +228,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
     if not t.out_dir:
         fail("train.out_dir", "must not be empty")
-    for name in UNAVAILABLE_KERNELS:
-        if getattr(cfg.kernels, name):
-            fail(f"kernels.{name}", "this kernel is not available in this version of gptfast; set it to false")
 
 
 def parse_override(arg: str, source: str = "command line") -> tuple[str, str, object]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from gptfast.config import OptimConfig
@@ -18,11 +20,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch's AdamW; its fused CUDA implementation on GPUs (one kernel for all tensors)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    triton_adamw: bool = False) -> torch.optim.Optimizer:
+    """gptfast's FusedAdamW (Triton, clipping fused in) when `triton_adamw`, else torch's AdamW,
+    its fused CUDA implementation on GPUs. Either way clipping follows cfg.grad_clip: FusedAdamW
+    applies it inside its step, the trainer calls clip_grad_norm_ for torch's."""
+    groups = param_groups(model, cfg.weight_decay)
+    if triton_adamw:
+        return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                          max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None)
     fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.eps, fused=fused, foreach=False if fused else None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused,
+                             foreach=False if fused else None)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -33,3 +42,92 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.lr_decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW's update in a constant number of Triton launches, with optional fused
+    global-norm gradient clipping.
+
+    Same hyperparameters, parameter groups and `state_dict()` as torch.optim.AdamW (per-parameter
+    `step`, `exp_avg`, `exp_avg_sq`), so a checkpoint moves between the two. Parameters must be
+    fp32 and on one device; gradients may be fp32, bf16 or fp16. `max_grad_norm` clips the global
+    norm inside the update, with no host sync; `grad_norm` holds the last step's norm (before
+    clipping) as a device tensor, to read only when logging. Group learning rates may change every
+    step: they are copied to the device asynchronously, never recompiling anything.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, max_grad_norm: float | None = None):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"FusedAdamW: invalid hyperparameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"FusedAdamW: max_grad_norm must be positive or None, got {max_grad_norm}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        params = [p for group in self.param_groups for p in group["params"]]
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"FusedAdamW: all parameters must be on one device, got {sorted(map(str, devices))}")
+        if any(p.dtype != torch.float32 for p in params):
+            raise TypeError("FusedAdamW: parameters must be float32 (gradients may be bf16 or fp16)")
+        import kernels.adamw  # noqa: F401  (fails here, not at the first step, where Triton is missing)
+
+        self.device = devices.pop()
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: torch.Tensor | None = None
+        self._tables: dict = {}  # (grad dtype, tensor sizes) -> BlockTable; sizes never change
+
+    def _hyper_table(self) -> torch.Tensor:
+        from kernels.adamw import _to_device
+
+        rows = [[float(g["lr"]), g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]] for g in self.param_groups]
+        return _to_device(np.array(rows, dtype=np.float64), self.device)
+
+    def _state_for(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            # torch.optim.AdamW keeps `step` on the CPU: move it once, without a device sync.
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from kernels.adamw import BlockTable, adamw_update, grad_sq_norm_partials
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        by_dtype: dict[torch.dtype, list] = {}
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # as torch does: a parameter without a gradient is left alone
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients")
+                by_dtype.setdefault(p.grad.dtype, []).append((p, index))
+        if not by_dtype:
+            return loss
+        launches = []
+        for dtype, entries in by_dtype.items():
+            params = [p for p, _ in entries]
+            states = [self._state_for(p) for p in params]
+            key = (dtype, tuple(p.numel() for p in params))
+            if key not in self._tables:
+                self._tables[key] = BlockTable.build(list(key[1]), self.device)
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+            launches.append((params, grads, states, [i for _, i in entries], self._tables[key]))
+        steps = [s["step"] for *_, states, _, _ in launches for s in states]
+        torch._foreach_add_(steps, 1.0)
+        squares = [grad_sq_norm_partials(grads, table) for _, grads, _, _, table in launches]
+        self.grad_norm = torch.cat(squares).sum().sqrt()
+        hyper = self._hyper_table()
+        for params, grads, states, group_index, table in launches:
+            groups = torch.tensor(group_index, dtype=torch.int32).to(self.device, non_blocking=True)
+            adamw_update(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                         [s["step"] for s in states], groups, hyper, table, self.grad_norm, self.max_grad_norm)
+        return loss

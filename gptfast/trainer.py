@@ -17,7 +17,7 @@ from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer
 from gptfast.errors import CheckpointError, ConfigError, RunDirError
 from gptfast.hardware import mfu, peak_bf16_flops
 from gptfast.model import GPT, triton_unavailable_reason
-from gptfast.optim import build_optimizer, lr_at
+from gptfast.optim import FusedAdamW, build_optimizer, lr_at
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,7 +77,7 @@ class Trainer:
 
         self.model = GPT(cfg.model, cfg.kernels).to(self.device)
         reason = triton_unavailable_reason(self.device)
-        triton_ops = [name for name in ("layernorm", "cross_entropy") if getattr(cfg.kernels, name)]
+        triton_ops = [name for name in ("layernorm", "cross_entropy", "adamw") if getattr(cfg.kernels, name)]
         if triton_ops and reason:
             log(f"kernels {', '.join(triton_ops)}: {reason}; this {self.device.type} run uses PyTorch's ops")
         elif triton_ops:
@@ -92,7 +92,8 @@ class Trainer:
                                   t.micro_batch_size, t.seed, self.device)
         prepare_run_dir(self.out_dir)
 
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device,
+                                         triton_adamw=cfg.kernels.adamw and reason is None)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step = 0
         self.val_loss: float | None = None
@@ -216,18 +217,26 @@ class Trainer:
                 loss.backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if o.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-        else:  # the norm is still logged; computing it does not rescale the gradients
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if isinstance(self.optimizer, FusedAdamW):
+            self._optimizer_step()  # clipping happens inside the step, which keeps the norm
+            grad_norm = self.optimizer.grad_norm
         else:
-            self.optimizer.step()
+            if o.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            else:  # the norm is still logged; computing it does not rescale the gradients
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.model.parameters() if p.grad is not None])
+            self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_sum, grad_norm
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -28,6 +28,7 @@ import importlib  # noqa: E402
 # importlib, because `kernels.cross_entropy` as an attribute is the function the package exports
 cross_entropy = importlib.import_module("kernels.cross_entropy")
 layernorm = importlib.import_module("kernels.layernorm")
+adamw = importlib.import_module("kernels.adamw")
 from kernels._utils import row_block_settings  # noqa: E402
 
 CUDA = torch.device("cuda")  # launch settings as the launchers choose them on a GPU
@@ -91,6 +92,27 @@ def cross_entropy_cases():
                    cross_entropy._cross_entropy_kernel, sig, constexprs, 8)
 
 
+def adamw_cases():
+    import triton.language as tl
+
+    tables = {"block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "numel_ptr": "*i64"}
+    for grad_ty, tl_ty in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
+        meta = {"GRAD_DTYPE": tl_ty, "BLOCK": 2048}
+        yield (f"grad_sq_norm grads={grad_ty}", adamw._grad_sq_norm_kernel,
+               dict({"grad_addr_ptr": "*i64", "partial_ptr": "*fp32"}, **tables, **{k: "constexpr" for k in meta}),
+               meta, 8)
+        for clip in (False, True):
+            meta = {"GRAD_DTYPE": tl_ty, "CLIP": clip, "BLOCK": 2048}
+            signature = {
+                "param_addr_ptr": "*i64", "grad_addr_ptr": "*i64", "exp_avg_addr_ptr": "*i64",
+                "exp_avg_sq_addr_ptr": "*i64", "step_addr_ptr": "*i64", "group_ptr": "*i32", "hyper_ptr": "*fp64",
+                "norm_ptr": "*fp32" if clip else "constexpr", "max_norm": "fp32", **tables,
+                **{k: "constexpr" for k in meta},
+            }
+            yield (f"adamw grads={grad_ty} clip={clip}", adamw._adamw_kernel, signature,
+                   dict(meta) if clip else dict(meta, norm_ptr=None), 8)
+
+
 def ptxas_report(ptx: str, arch: int) -> str:
     """Registers per thread and spill bytes, as ptxas reports them for this PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -110,7 +132,8 @@ def ptxas_report(ptx: str, arch: int) -> str:
 def main() -> int:
     failures = 0
     for target_name, target in TARGETS.items():
-        for name, fn, signature, constexprs, num_warps in (*layer_norm_cases(), *cross_entropy_cases()):
+        for name, fn, signature, constexprs, num_warps in (*layer_norm_cases(), *cross_entropy_cases(),
+                                                                    *adamw_cases()):
             source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             try:
                 compiled = triton.compile(source, target=target, options={"num_warps": num_warps})

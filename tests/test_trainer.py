@@ -189,8 +189,12 @@ def test_golden_trajectory_with_fused_kernels(tiny_config, tmp_path):
     """llm.c's check: training steps with the kernels on track the PyTorch path's losses (fp32)."""
     off = Trainer(tiny_config(out_dir=tmp_path / "off"), log=quiet)
     off.run()
-    on = Trainer(tiny_config({"kernels.layernorm": True, "kernels.cross_entropy": True}, out_dir=tmp_path / "on"),
-                 log=quiet)
+    on = Trainer(tiny_config({"kernels.layernorm": True, "kernels.cross_entropy": True, "kernels.adamw": True},
+                             out_dir=tmp_path / "on"), log=quiet)
     on.run()
-    for (step, want), (_, got) in zip(records(tmp_path / "off"), records(tmp_path / "on")):
-        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), step
+    # Gradient norms get a looser bound than losses: torch's fp32 norm of the 1.6M-element embedding
+    # gradient is itself off by ~3e-6 (FusedAdamW's is within 1e-7 of fp64, see test_adamw), and
+    # the clip coefficient carries that difference into the next steps.
+    for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
+        for (step, want), (_, got) in zip(records(tmp_path / "off", key), records(tmp_path / "on", key)):
+            assert got == pytest.approx(want, rel=rel, abs=1e-6), (key, step)
