@@ -195,35 +195,34 @@ def bandwidth_row(suite: str, case: str, provider: str, seconds: float, bytes_mo
     return Row(suite, case, provider, seconds, bytes_moved, gbps, bytes_moved / seconds / bandwidth)
 
 
-def speedups(rows: list[Row], baseline: str) -> dict[tuple[str, str, str], float]:
-    """(suite, case, provider) -> baseline's time / provider's time, for every row with a baseline
-    row of the same suite and case (> 1 means faster than the baseline)."""
-    base = {(r.suite, r.case): r.seconds for r in rows if r.provider == baseline}
-    return {(r.suite, r.case, r.provider): base[(r.suite, r.case)] / r.seconds
-            for r in rows if (r.suite, r.case) in base and r.seconds > 0}
+def speedups(rows: list[Row], ours: str = "gptfast") -> dict[tuple[str, str], dict[str, float]]:
+    """(suite, case) -> {other provider: its time / ours}, for every case `ours` has a row for
+    (> 1 means ours is faster)."""
+    mine = {(r.suite, r.case): r.seconds for r in rows if r.provider == ours}
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        key = (r.suite, r.case)
+        if r.provider != ours and key in mine and mine[key] > 0:
+            out.setdefault(key, {})[r.provider] = r.seconds / mine[key]
+    return out
 
 
 def format_table(rows: list[Row], info: DeviceInfo, bandwidth: float | None) -> str:
-    """A markdown table of every row, with speed-ups against the torch providers."""
-    vs_torch = speedups(rows, "torch")
-    vs_compile = speedups(rows, "torch_compile")
+    """A markdown table of every row; gptfast's rows carry their speed-up over each other provider."""
+    ratios = speedups(rows)
     lines = [f"Device: **{info.label}**; torch {info.torch_version}, triton {info.triton_version}, "
              f"commit {info.git_sha}" + (f"; measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s" if bandwidth else ""),
              "",
-             "| suite | case | provider | time | GB/s | of floor | vs torch | vs torch.compile | other |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
-
-    def fmt(value, spec):
-        return "" if value is None else format(value, spec)
-
+             "| suite | case | provider | time | GB/s | of floor | gptfast speed-up | other |",
+             "|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
-        key = (r.suite, r.case, r.provider)
+        gbps = "" if r.gbps is None else f"{r.gbps:,.0f}"
+        floor = "" if r.floor_fraction is None else f"{100 * r.floor_fraction:.0f}%"
+        speedup = ", ".join(f"{v:.2f}x vs {k}" for k, v in ratios.get((r.suite, r.case), {}).items()) \
+            if r.provider == "gptfast" else ""
         other = ", ".join(f"{k} {v}" for k, v in r.extra.items() if v is not None)
-        lines.append(f"| {r.suite} | {r.case} | {r.provider} | {format_seconds(r.seconds)} | {fmt(r.gbps, ',.0f')} | "
-                     f"{fmt(None if r.floor_fraction is None else 100 * r.floor_fraction, '.0f')}"
-                     f"{'%' if r.floor_fraction is not None else ''} | "
-                     f"{fmt(vs_torch.get(key), '.2f')}{'x' if key in vs_torch else ''} | "
-                     f"{fmt(vs_compile.get(key), '.2f')}{'x' if key in vs_compile else ''} | {other} |")
+        lines.append(f"| {r.suite} | {r.case} | {r.provider} | {format_seconds(r.seconds)} | {gbps} | {floor} | "
+                     f"{speedup} | {other} |")
     return "\n".join(lines) + "\n"
 
 

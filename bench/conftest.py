@@ -27,6 +27,11 @@ INFO = pytest.StashKey[object]()
 BANDWIDTH = pytest.StashKey[dict]()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--emulate-vram", default=None, metavar="SIZE",
+                     help="cap the GPU's memory to SIZE (e.g. 12GiB) to see what fits a smaller card")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     device = bench_device()

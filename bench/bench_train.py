@@ -1,0 +1,104 @@
+"""Training throughput per config: gptfast (every Triton kernel on) vs the PyTorch path (torch
+LayerNorm, F.cross_entropy, torch's fused AdamW, flash SDPA; the nanoGPT recipe), both compiled.
+
+One timed call is one optimizer step of the trainer itself (Trainer.train_step: every micro-batch
+of the accumulation, clipping, the optimizer), on random tokens. Reports tokens/s, MFU against the
+device's dense bf16 peak, and peak memory. With --emulate-vram=12GiB a larger GPU is capped to
+that much memory: a config that does not fit at its micro-batch is retried at half the micro-batch
+(twice the accumulation, the same tokens per step), and the result says which micro-batch fit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.common import Row, on_gpu, peak_flops, synchronize, time_calls
+from gptfast.config import load_config
+from gptfast.hardware import mfu
+from gptfast.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["small_4070", "mid_4070", "medium_4070"] if on_gpu() else ["cpu_smoke"]
+PROVIDERS = {
+    "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true"],
+    "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false"],
+}
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text)
+    if not match:
+        raise ValueError(f"--emulate-vram: expected a size such as 12GiB, got {text!r}")
+    scale = {None: 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory) -> Path:
+    """A dataset of random GPT-2 token ids: throughput does not depend on the text."""
+    folder = tmp_path_factory.mktemp("bench_data") / "random"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4_000_000), ("val", 200_000)):
+        rng.integers(0, 50257, n, dtype=np.uint16).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps({"name": "random", "vocab_size": 50257}))
+    return folder.parent
+
+
+def build_trainer(config: str, provider: str, micro_batch: int | None, accum: int | None, data: Path, out: Path):
+    overrides = PROVIDERS[provider] + [f"--data.data_dir={data}", "--data.dataset=random", f"--train.out_dir={out}",
+                                      "--train.resume=false", "--train.sample_tokens=0"]
+    if micro_batch is not None:
+        overrides += [f"--train.micro_batch_size={micro_batch}", f"--train.grad_accum_steps={accum}"]
+    if not on_gpu():  # the CPU case exercises the harness: eager, two small micro-batches per step
+        overrides += ["--train.compile=false", "--train.micro_batch_size=2", "--train.grad_accum_steps=2",
+                      "--train.device=cpu"]
+    return Trainer(load_config(REPO / "configs" / f"{config}.toml", overrides), log=lambda _: None)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("config", CONFIGS)
+def test_train_step(benchmark, record, request, device, device_info, token_dir, tmp_path, config, provider):
+    vram = request.config.getoption("--emulate-vram")
+    if vram and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(vram) / total), device)
+    base = load_config(REPO / "configs" / f"{config}.toml")
+    micro_batch, accum = base.train.micro_batch_size, base.train.grad_accum_steps
+    while True:
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            trainer = build_trainer(config, provider, micro_batch, accum, token_dir, tmp_path)
+            seconds = time_calls(benchmark, lambda i: trainer.train_step(), device, 1,
+                                 target_round_s=0.0, rounds=3 if device.type == "cuda" else 2)
+            synchronize(device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            trainer = None
+            if micro_batch == 1:
+                record(Row("train", f"{config} ({vram or 'full'} VRAM)", provider, float("nan"),
+                           extra={"result": "does not fit at micro-batch 1"}))
+                return
+            micro_batch, accum = micro_batch // 2, accum * 2
+    cfg = trainer.cfg
+    tokens_per_second = cfg.tokens_per_step / seconds
+    peak, source = peak_flops(device_info, device)
+    utilisation = mfu(trainer.model.flops_per_token(), tokens_per_second, peak)
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    row = record(Row("train", f"{config} ({vram or 'full'} VRAM)", provider, seconds, extra={
+        "tokens/s": f"{tokens_per_second:,.0f}",
+        "MFU": f"{100 * utilisation:.1f}% ({source})" if utilisation is not None else f"n/a ({source})",
+        "peak GiB": None if peak_bytes is None else f"{peak_bytes / 2**30:.2f}",
+        "micro-batch": f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps}",
+    }))
+    benchmark.extra_info.update(tokens_per_second=tokens_per_second, mfu=utilisation, peak_bytes=peak_bytes,
+                                micro_batch=cfg.train.micro_batch_size, case=row.case)

@@ -1,0 +1,65 @@
+"""The benchmark harness's own logic, on the CPU: figures, device handling and results files."""
+
+import json
+
+import pytest
+import torch
+
+from bench import common
+from bench.bench_train import parse_bytes
+from bench.common import DeviceInfo, Row, bandwidth_row, format_table, peak_flops, speedups, write_results
+
+
+def info(kind="cuda", name="NVIDIA GeForce RTX 4070"):
+    return DeviceInfo(kind, name, name, "2.13.0", "3.9.0", "abc123")
+
+
+def test_bandwidth_row_arithmetic():
+    row = bandwidth_row("layernorm", "fwd", "gptfast", seconds=1e-4, bytes_moved=50_000_000, bandwidth=1e12)
+    assert row.gbps == pytest.approx(500.0)  # 5e7 B / 1e-4 s = 5e11 B/s
+    assert row.floor_fraction == pytest.approx(0.5)
+
+
+def test_speedups_compare_each_case_with_gptfast():
+    rows = [Row("s", "a", "gptfast", 1.0), Row("s", "a", "torch", 1.5), Row("s", "a", "torch_compile", 0.8),
+            Row("s", "b", "torch", 2.0)]
+    assert speedups(rows) == {("s", "a"): {"torch": 1.5, "torch_compile": 0.8}}
+
+
+def test_peak_from_table_measured_or_none(monkeypatch):
+    assert peak_flops(info(), torch.device("cuda")) == (58.3e12, "table")
+    monkeypatch.setattr(common, "measure_matmul_peak", lambda device: 123e12)
+    assert peak_flops(info(name="NVIDIA Future GPU"), torch.device("cuda")) == (123e12, "measured peak")
+    assert peak_flops(info(kind="cpu", name="x86_64"), torch.device("cpu")) == (None, "none on CPU")
+
+
+def test_results_files(tmp_path):
+    rows = [bandwidth_row("layernorm", "fwd N=8 C=4 bf16", "gptfast", 2e-6, 1000, 1e9),
+            bandwidth_row("layernorm", "fwd N=8 C=4 bf16", "torch", 4e-6, 1000, 1e9),
+            Row("train", "small_4070 (12GiB VRAM)", "gptfast", 1.5, extra={"tokens/s": "349,525", "MFU": None})]
+    json_path, md_path = write_results(rows, info(), 1e9, directory=tmp_path)
+    assert json_path.name.startswith("nvidia-geforce-rtx-4070_") and md_path.suffix == ".md"
+    payload = json.loads(json_path.read_text())
+    assert payload["device"]["name"] == "NVIDIA GeForce RTX 4070" and payload["device"]["git_sha"] == "abc123"
+    assert payload["device"]["torch_version"] == "2.13.0" and payload["bandwidth_bytes_per_s"] == 1e9
+    assert [r["provider"] for r in payload["rows"]] == ["gptfast", "torch", "gptfast"]
+    table = md_path.read_text()
+    assert "Device: **NVIDIA GeForce RTX 4070**" in table and "commit abc123" in table
+    assert "| layernorm | fwd N=8 C=4 bf16 | gptfast | 2.0 us | 0 | 50% | 2.00x vs torch |  |" in table
+    assert "tokens/s 349,525" in table and "MFU" not in table.split("tokens/s")[1].split("|")[0]
+
+
+def test_cpu_figures_are_labelled():
+    cpu = common.describe_device(torch.device("cpu"))
+    assert cpu.kind == "cpu" and "not comparable with GPU figures" in cpu.label
+    assert "Triton interpreter" in format_table([], cpu, None)
+
+
+@pytest.mark.parametrize("text, expected", [("12GiB", 12 * 2**30), ("8 GB", 8e9), ("512MiB", 2**29), ("1024", 1024)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("twelve")
