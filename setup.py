@@ -15,5 +15,5 @@ setup(
         "numpy>=1.24",
         "nvidia-ml-py>=12.0",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"]},
 )

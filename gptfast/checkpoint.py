@@ -1,13 +1,17 @@
 """Checkpoints: written atomically, found by step, checked against the model they are loaded into.
 
-A checkpoint is `out_dir/ckpt_<step>.pt`, a dict of plain tensors and Python values:
-model and optimizer state, the resolved config, the step count, RNG states. It is written to a
-temporary file in the same folder, fsynced, then renamed over its final name, so a crash at any
-moment leaves either the old set of checkpoints or the new one, never a torn file.
+A checkpoint is `out_dir/ckpt_<step>.pt`, a dict of plain tensors and Python values (model and
+optimizer state, the resolved config, the step count, RNG states) that `torch.load` reads, and
+beside it `ckpt_<step>.pt.sha256`, the SHA-256 of its bytes. Both are written to temporary files
+in the same folder and fsynced; the checksum is renamed into place first, the checkpoint last, so
+a crash at any moment leaves either the old set of checkpoints or the new one, never a torn file.
+Loading verifies the checksum: a file damaged later (a bad disk, a partial copy) is reported
+rather than loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -60,16 +64,57 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+class _HashingWriter:
+    """A file wrapper that hashes what passes through it, so the checksum costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
-    """Write `state` as the checkpoint of `step`, then delete all but the newest `keep`."""
+    """Write `state` as the checkpoint of `step` (with its checksum), then delete all but the
+    newest `keep`."""
     path = checkpoint_path(out_dir, step)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = writer.sha.hexdigest().encode()
+        atomic_write_bytes(checksum_path(path), lambda f: f.write(digest + b"\n"))
+        os.replace(tmp, path)  # last: the checkpoint exists only once its checksum does
+        _fsync_dir(path.parent)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise RunDirError(f"cannot write checkpoint {path}: {e}; the previous checkpoints are intact") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(out_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -80,6 +125,13 @@ def load_checkpoint(path: str | Path) -> dict:
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint (ckpt_<step>.pt)")
         path = found
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    sidecar = checksum_path(path)
+    if sidecar.exists():
+        expected = sidecar.read_text().strip()
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

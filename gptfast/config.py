@@ -79,6 +79,7 @@ class TrainConfig:
     log_interval: int = _field(10, "print and record metrics every this many steps")
     checkpoint_interval: int = _field(500, "write a checkpoint every this many steps")
     keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep on disk")
+    max_bad_steps: int = _field(10, "stop after this many optimizer steps in a row with a NaN/Inf loss or gradient norm")
     out_dir: str = _field("out", "run directory: checkpoints, metrics.jsonl, config.toml")
     resume: bool = _field(True, "continue from the newest checkpoint in out_dir if there is one")
     seed: int = _field(1337, "seed for initialisation, data order and dropout")
@@ -216,7 +217,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if o.grad_clip < 0:
         fail("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
     for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_steps",
-                "log_interval", "checkpoint_interval", "keep_checkpoints"):
+                "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"):
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
     if t.sample_tokens < 0:

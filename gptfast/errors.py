@@ -24,6 +24,10 @@ class RunDirError(GptfastError):
     """The run directory cannot be created or written."""
 
 
+class TrainingDiverged(GptfastError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
+
+
 def run_cli(action: Callable[[], object]) -> int:
     """Run a CLI's work: bad input becomes one `error: ...` line on stderr and exit code 2."""
     try:

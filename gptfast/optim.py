@@ -52,7 +52,8 @@ class FusedAdamW(torch.optim.Optimizer):
     `step`, `exp_avg`, `exp_avg_sq`), so a checkpoint moves between the two. Parameters must be
     fp32 and on one device; gradients may be fp32, bf16 or fp16. `max_grad_norm` clips the global
     norm inside the update, with no host sync; `grad_norm` holds the last step's norm (before
-    clipping) as a device tensor, to read only when logging. Group learning rates may change every
+    clipping) as a device tensor, to read only when logging; `compute_grad_norm()` gives it before
+    the step (the trainer checks it is finite), and the step then reuses it. Group learning rates may change every
     step: they are copied to the device asynchronously, never recompiling anything.
     """
 
@@ -75,6 +76,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.device = devices.pop()
         self.max_grad_norm = max_grad_norm
         self.grad_norm: torch.Tensor | None = None
+        self._norm_ready = False  # compute_grad_norm() ran for the gradients the next step uses
         self._tables: dict = {}  # (grad dtype, tensor sizes) -> BlockTable; sizes never change
 
     def _hyper_table(self) -> torch.Tensor:
@@ -94,14 +96,11 @@ class FusedAdamW(torch.optim.Optimizer):
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        from kernels.adamw import BlockTable, adamw_update, grad_sq_norm_partials
+    def _launches(self) -> list[tuple]:
+        """The tensors with gradients, grouped by gradient dtype (one launch each):
+        (params, grads, states, group indices, block table) per group."""
+        from kernels.adamw import BlockTable
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         by_dtype: dict[torch.dtype, list] = {}
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -110,21 +109,51 @@ class FusedAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("FusedAdamW does not support sparse gradients")
                 by_dtype.setdefault(p.grad.dtype, []).append((p, index))
-        if not by_dtype:
-            return loss
         launches = []
         for dtype, entries in by_dtype.items():
             params = [p for p, _ in entries]
-            states = [self._state_for(p) for p in params]
             key = (dtype, tuple(p.numel() for p in params))
             if key not in self._tables:
                 self._tables[key] = BlockTable.build(list(key[1]), self.device)
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            launches.append((params, grads, states, [i for _, i in entries], self._tables[key]))
-        steps = [s["step"] for *_, states, _, _ in launches for s in states]
-        torch._foreach_add_(steps, 1.0)
-        squares = [grad_sq_norm_partials(grads, table) for _, grads, _, _, table in launches]
-        self.grad_norm = torch.cat(squares).sum().sqrt()
+            launches.append((params, grads, [self._state_for(p) for p in params], [i for _, i in entries],
+                             self._tables[key]))
+        return launches
+
+    @torch.no_grad()
+    def compute_grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the current gradients, as a device tensor (no sync). The next
+        step() reuses it for clipping rather than computing it again."""
+        from kernels.adamw import grad_sq_norm_partials
+
+        launches = self._launches()
+        if not launches:
+            self.grad_norm = torch.zeros((), device=self.device)
+        else:
+            squares = [grad_sq_norm_partials(grads, table) for _, grads, _, _, table in launches]
+            self.grad_norm = torch.cat(squares).sum().sqrt()
+        self._norm_ready = True
+        return self.grad_norm
+
+    def discard_grad_norm(self) -> None:
+        """Forget the norm of gradients that will not be stepped on (the trainer skipped them)."""
+        self._norm_ready = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from kernels.adamw import adamw_update
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not getattr(self, "_norm_ready", False):
+            self.compute_grad_norm()
+        self._norm_ready = False
+        launches = self._launches()
+        if not launches:
+            return loss
+        torch._foreach_add_([s["step"] for *_, states, _, _ in launches for s in states], 1.0)
         hyper = self._hyper_table()
         for params, grads, states, group_index, table in launches:
             groups = torch.tensor(group_index, dtype=torch.int32).to(self.device, non_blocking=True)

@@ -1,7 +1,14 @@
-"""`python -m gptfast.train CONFIG [--section.key=value ...]`: train, or resume, a GPT-2 model."""
+"""`python -m gptfast.train CONFIG [--section.key=value ...]`: train, or resume, a GPT-2 model.
+
+SIGINT (Ctrl-C) or SIGTERM: the current optimizer step finishes, a checkpoint is written, and the
+process exits 0 with the command that resumes. A second SIGINT quits at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 import sys
 
 from gptfast.config import load_config
@@ -14,6 +21,34 @@ Trains the model CONFIG describes, resuming from the newest checkpoint in train.
 Overrides follow the config path, e.g. --train.max_steps=100 --train.device=cpu."""
 
 
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """While training, SIGINT / SIGTERM ask the trainer to stop after the current step."""
+
+    def request_stop(signum, frame):
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: quit now
+        trainer.stop_requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing step {trainer.step + 1}, then writing a checkpoint "
+              "(Ctrl-C again to quit at once)", flush=True)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(argv: list[str]) -> None:
+    trainer = Trainer(load_config(argv[0], argv[1:]))
+    with stop_on_signals(trainer):
+        result = trainer.run()
+    if result.stopped:
+        print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\n"
+              f"resume with: python -m gptfast.train {shlex.join(argv)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
@@ -22,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("--"):
         print("error: the config path comes first\n" + USAGE, file=sys.stderr)
         return 2
-    return run_cli(lambda: Trainer(load_config(argv[0], argv[1:])).run())
+    try:
+        return run_cli(lambda: train(argv))
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from gptfast import checkpoint as ckpt
 from gptfast.config import Config, to_toml
 from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer
-from gptfast.errors import CheckpointError, ConfigError, RunDirError
+from gptfast.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
 from gptfast.hardware import mfu, peak_bf16_flops
 from gptfast.model import GPT, triton_unavailable_reason
 from gptfast.optim import FusedAdamW, build_optimizer, lr_at
@@ -43,12 +44,15 @@ def format_duration(seconds: float) -> str:
 
 
 def prepare_run_dir(out_dir: Path) -> None:
-    """Create `out_dir` and prove it is writable before any training time is spent."""
+    """Create `out_dir`, prove it is writable before any training time is spent, and clear the
+    temporary files a killed run left half-written (they were never renamed into place)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
+        for leftover in out_dir.glob(".*.tmp"):
+            leftover.unlink()
     except OSError as e:
         raise RunDirError(f"train.out_dir {str(out_dir)!r} cannot be written: {e.strerror or e}") from None
 
@@ -58,7 +62,18 @@ class TrainResult:
     step: int  # optimizer steps completed
     train_loss: float | None  # loss of the last logged step
     val_loss: float | None  # the last evaluation
-    sample: str  # text sampled at the end ("" when train.sample_tokens is 0)
+    sample: str  # text sampled at the end ("" when train.sample_tokens is 0, or when stopped)
+    stopped: bool = False  # stopped early on request (a signal), after writing a checkpoint
+    checkpoint: Path | None = None  # the last checkpoint written
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)
+
+
+def _finite_or_none(value: float) -> float | None:
+    """NaN and Inf are not JSON: metrics.jsonl records them as null."""
+    return value if math.isfinite(value) else None
 
 
 class Trainer:
@@ -97,6 +112,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step = 0
         self.val_loss: float | None = None
+        self.bad_steps = 0  # consecutive optimizer steps skipped for a non-finite loss or norm
+        self.skipped_steps = 0  # all skipped steps since this process started
+        self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
         if t.resume:
             self._resume()
         else:
@@ -119,6 +137,7 @@ class Trainer:
     def _set_aside_previous_run(self) -> None:
         """train.resume = false starts over; an earlier run's files move to old_<n>/, not deleted."""
         previous = ckpt.list_checkpoints(self.out_dir)
+        previous += [ckpt.checksum_path(p) for p in previous if ckpt.checksum_path(p).exists()]
         if self.metrics_path.exists():
             previous.append(self.metrics_path)
         if not previous:
@@ -176,6 +195,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def save(self) -> Path:
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):  # a skipped step never changes the weights, so this is a bug, not bad luck
+            raise TrainingDiverged(f"step {self.step}: the weights hold NaN or Inf; no checkpoint was written")
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         state = {
@@ -198,9 +220,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm)
-        as device tensors, so nothing here waits for the GPU."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss, grad norm,
+        applied): the first two as device tensors; `applied` is False when the loss or the
+        gradient norm was NaN/Inf and the update was skipped, leaving parameters and optimizer
+        state untouched. Deciding that costs the one host sync of the step."""
         t, o = self.cfg.train, self.cfg.optim
         lr = lr_at(self.step, o)
         for group in self.optimizer.param_groups:
@@ -217,19 +241,24 @@ class Trainer:
                 loss.backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if isinstance(self.optimizer, FusedAdamW):
-            self._optimizer_step()  # clipping happens inside the step, which keeps the norm
-            grad_norm = self.optimizer.grad_norm
-        else:
-            if o.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-            else:  # the norm is still logged; computing it does not rescale the gradients
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in self.model.parameters() if p.grad is not None])
+        fused = isinstance(self.optimizer, FusedAdamW)
+        if fused:  # FusedAdamW clips inside its step, reusing this norm
+            grad_norm = self.optimizer.compute_grad_norm()
+        elif o.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        else:  # the norm is still logged; computing it does not rescale the gradients
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # Under float16 an overflowing gradient is the loss scaler's business (it skips the step
+        # and lowers the scale); only the loss itself is checked there.
+        checked = loss_sum if self.scaler is not None else torch.stack([loss_sum, grad_norm.float()])
+        applied = bool(torch.isfinite(checked).all())
+        if applied:
             self._optimizer_step()
+        elif fused:
+            self.optimizer.discard_grad_norm()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum, grad_norm
+        return loss_sum, grad_norm, applied
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
@@ -262,52 +291,78 @@ class Trainer:
         return enc.decode(out[0, 1:].tolist())
 
     def run(self) -> TrainResult:
+        """Train to train.max_steps, or until `stop_requested` is set (by a signal handler): then
+        the current step finishes, a checkpoint is written and the result says `stopped`."""
         t = self.cfg.train
         self.model.train()
         if self.step >= t.max_steps:
             self.log(f"nothing to do: step {self.step} >= train.max_steps = {t.max_steps}")
         tokens_per_step = self.cfg.tokens_per_step
-        train_loss = None
+        train_loss, checkpoint = None, None
         last_time, last_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
-            loss, grad_norm = self.train_step()
+            loss, grad_norm, applied = self.train_step()
             done = self.step == t.max_steps
+            if not applied:
+                self._skipped_step(loss, grad_norm)
+            else:
+                self.bad_steps = 0
             if self.step % t.log_interval == 0 or done:
-                train_loss = loss.item()  # the one host sync per logged step
+                train_loss = loss.item()  # the step has synced already: this read is free
                 now = time.perf_counter()
                 step_time = (now - last_time) / (self.step - last_step)
                 last_time, last_step = now, self.step
                 tokens_per_second = tokens_per_step / step_time
                 record = {
-                    "step": self.step, "loss": train_loss, "lr": lr_at(self.step - 1, self.cfg.optim),
-                    "grad_norm": grad_norm.item(), "tokens_per_second": tokens_per_second,
+                    "step": self.step, "loss": _finite_or_none(train_loss), "lr": lr_at(self.step - 1, self.cfg.optim),
+                    "grad_norm": _finite_or_none(grad_norm.item()), "tokens_per_second": tokens_per_second,
                     "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops),
                     "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
                                           if self.device.type == "cuda" else None),
-                    "eta_seconds": step_time * (t.max_steps - self.step),
+                    "eta_seconds": step_time * (t.max_steps - self.step), "skipped_steps": self.skipped_steps,
                 }
                 self._record(record)
                 self.log(self._format(record))
             if self.step % t.eval_interval == 0 or done:
                 self.val_loss = self.evaluate()
-                self._record({"step": self.step, "val_loss": self.val_loss})
+                self._record({"step": self.step, "val_loss": _finite_or_none(self.val_loss)})
                 self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
-            if self.step % t.checkpoint_interval == 0 or done:
-                path = self.save()
-                self.log(f"step {self.step} | checkpoint {path}")
+            saved_now = self.step % t.checkpoint_interval == 0 or done
+            if saved_now or self.stop_requested:
+                checkpoint = self.save()
+                self.log(f"step {self.step} | checkpoint {checkpoint}")
+            if self.stop_requested and not done:
+                return TrainResult(self.step, train_loss, self.val_loss, "", stopped=True, checkpoint=checkpoint)
         text = ""
         if t.sample_tokens:
             text = self.sample(t.sample_tokens)
             self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
-        return TrainResult(self.step, train_loss, self.val_loss, text)
+        return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint)
+
+    def _skipped_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self._record({"step": self.step, "skipped": True, "loss": _finite_or_none(loss.item()),
+                      "grad_norm": _finite_or_none(grad_norm.item())})
+        self.log(f"step {self.step} | non-finite loss {loss.item()} or gradient norm {grad_norm.item()}: update "
+                 f"skipped ({self.bad_steps} in a row, {self.skipped_steps} in this run)")
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            last = ckpt.latest_checkpoint(self.out_dir)
+            raise TrainingDiverged(
+                f"{self.bad_steps} optimizer steps in a row (up to step {self.step}) had a NaN or Inf loss or "
+                f"gradient norm (train.max_bad_steps = {self.cfg.train.max_bad_steps}); the run stopped. "
+                + (f"The last good checkpoint is {last}: lower optim.lr or raise optim.warmup_steps and resume."
+                   if last else "No checkpoint was written yet."))
 
     def _format(self, r: dict) -> str:
-        parts = [f"step {r['step']}/{self.cfg.train.max_steps}", f"loss {r['loss']:.4f}",
-                 f"lr {r['lr']:.2e}", f"grad norm {r['grad_norm']:.3f}",
+        parts = [f"step {r['step']}/{self.cfg.train.max_steps}", f"loss {_fmt(r['loss'], '.4f')}",
+                 f"lr {r['lr']:.2e}", f"grad norm {_fmt(r['grad_norm'], '.3f')}",
                  f"{r['tokens_per_second']:,.0f} tok/s"]
         if r["mfu"] is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
         if r["peak_memory_bytes"] is not None:
             parts.append(f"peak mem {r['peak_memory_bytes'] / 2**30:.2f} GiB")
         parts.append(f"eta {format_duration(r['eta_seconds'])}")
+        if r["skipped_steps"]:
+            parts.append(f"skipped {r['skipped_steps']}")
         return " | ".join(parts)

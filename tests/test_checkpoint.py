@@ -13,7 +13,7 @@ def test_save_keeps_newest_and_leaves_no_temporaries(tmp_path):
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(state(step), tmp_path, step, keep=2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+    assert names == ["ckpt_00000003.pt", "ckpt_00000003.pt.sha256", "ckpt_00000004.pt", "ckpt_00000004.pt.sha256"]
     loaded = ckpt.load_checkpoint(tmp_path)  # a directory loads its newest checkpoint
     assert loaded["step"] == 4 and torch.equal(loaded["model"]["w"], torch.full((3,), 4.0))
 
@@ -28,8 +28,23 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(RunDirError, match="No space left on device"):
         ckpt.save_checkpoint(state(2), tmp_path, 2, keep=2)
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt", "ckpt_00000001.pt.sha256"]
     assert ckpt.load_checkpoint(tmp_path)["step"] == 1
+
+
+def test_damaged_checkpoint_fails_its_checksum(tmp_path):
+    path = ckpt.save_checkpoint(state(5), tmp_path, 5, keep=2)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is corrupt: its SHA-256 does not match"):
+        ckpt.load_checkpoint(path)
+
+
+def test_checkpoint_loads_with_plain_torch_load(tmp_path):
+    path = ckpt.save_checkpoint(state(2), tmp_path, 2, keep=2)
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert (tmp_path / "ckpt_00000002.pt.sha256").read_text().strip() == ckpt.file_sha256(path)
 
 
 @pytest.mark.parametrize("payload", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])

@@ -74,7 +74,7 @@ def test_resume_false_sets_the_previous_run_aside(tiny_config, tmp_path):
     fresh = Trainer(tiny_config({"train.resume": False}), log=quiet)
     assert fresh.step == 0
     assert sorted(p.name for p in (tmp_path / "run" / "old_1").iterdir()) == [
-        "ckpt_00000003.pt", "ckpt_00000006.pt", "metrics.jsonl"]
+        "ckpt_00000003.pt", "ckpt_00000003.pt.sha256", "ckpt_00000006.pt", "ckpt_00000006.pt.sha256", "metrics.jsonl"]
 
 
 def run_cli(argv, capsys):

@@ -1,0 +1,264 @@
+"""Nothing lost: kills at random moments, signals, non-finite steps, bad input, fuzzed configs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_overrides
+from gptfast import checkpoint as ckpt
+from gptfast.errors import TrainingDiverged
+from gptfast.train import main as train_main
+from gptfast.trainer import Trainer
+
+
+def quiet(_):
+    pass
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and not r.get("skipped")}
+
+
+def train_cmd(data_dir, out_dir, *extra):
+    return [sys.executable, "-m", "gptfast.train", str(REPO / "configs" / "cpu_smoke.toml"),
+            *tiny_overrides(data_dir, out_dir, {"train.max_steps": 12, "train.checkpoint_interval": 1,
+                                                "train.eval_interval": 4, "train.keep_checkpoints": 2}), *extra]
+
+
+@pytest.mark.slow
+def test_kill_at_random_moments_then_resume_exactly(data_dir, tmp_path):
+    """20 trials: SIGKILL a real trainer at a random moment (mid-step or mid-checkpoint-write);
+    the newest checkpoint always loads, and resuming reproduces the uninterrupted losses bit for bit."""
+    reference = tmp_path / "reference"
+    subprocess.run(train_cmd(data_dir, reference), check=True, capture_output=True, timeout=600)
+    want = losses(reference)
+    assert sorted(want) == list(range(1, 13))
+    rng = random.Random(os.getpid())
+    start_up, kills = None, 0
+    for trial in range(20):
+        out = tmp_path / f"trial{trial}"
+        began = time.perf_counter()
+        proc = subprocess.Popen(train_cmd(data_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if start_up is None:  # learn how long a run takes, then kill anywhere inside it
+            proc.wait(timeout=600)
+            start_up = time.perf_counter() - began
+            delay = None
+        else:
+            delay = rng.uniform(0.3 * start_up, start_up)
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        newest = ckpt.latest_checkpoint(out)
+        if newest is not None:
+            assert ckpt.load_checkpoint(newest)["step"] == int(newest.stem.split("_")[1])
+        resumed = subprocess.run(train_cmd(data_dir, out), capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, (trial, delay, resumed.stderr)
+        assert losses(out) == want, (trial, delay)
+        assert not list(out.glob(".*.tmp"))  # what a kill left half-written is cleared on resume
+        assert all(p.with_name(p.name + ".sha256").exists() for p in ckpt.list_checkpoints(out))
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 15  # the trials did kill, not wait for runs that had finished
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_exits_0(data_dir, tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = train_cmd(data_dir, out, "--train.max_steps=100000", "--train.checkpoint_interval=100000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not losses(out):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    step = max(losses(out))
+    assert f"stopped at step {step}" in stdout and "resume with: python -m gptfast.train" in stdout
+    assert ckpt.load_checkpoint(out)["step"] == step
+
+
+def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config({"train.max_steps": 5}), log=quiet)
+    model_forward = trainer.model.forward
+    poisoned_steps = {1, 3}
+
+    def forward(idx, targets=None):
+        loss = model_forward(idx, targets)
+        return loss * float("nan") if trainer.step in poisoned_steps and targets is not None else loss
+
+    monkeypatch.setattr(trainer, "train_model", forward)
+    before = {}
+
+    def snapshot():
+        return [p.detach().clone() for p in trainer.model.parameters()], copy_state(trainer.optimizer)
+
+    real_step = trainer.train_step
+
+    def step_and_check():
+        params, state = snapshot()
+        out = real_step()
+        if not out[2]:
+            for a, b in zip(params, trainer.model.parameters()):
+                assert torch.equal(a, b)  # a skipped step changes no parameter...
+            assert copy_state(trainer.optimizer) == state  # ...and no optimizer state
+            before[trainer.step] = True
+        return out
+
+    trainer.train_step = step_and_check
+    result = trainer.run()
+    assert result.step == 5 and trainer.skipped_steps == 2 and set(before) == {2, 4}
+    rows = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [2, 4]
+    assert all(torch.isfinite(p).all() for p in ckpt.load_checkpoint(trainer.out_dir)["model"].values())
+
+
+def copy_state(opt):
+    return repr({k: (v.tolist() if torch.is_tensor(v) else v) for s in opt.state.values() for k, v in s.items()})
+
+
+def test_too_many_bad_steps_stop_the_run(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config({"train.max_steps": 20, "train.max_bad_steps": 3, "train.checkpoint_interval": 2}),
+                      log=quiet)
+    model_forward = trainer.model.forward
+    monkeypatch.setattr(trainer, "train_model",
+                        lambda idx, targets=None: model_forward(idx, targets) * (float("inf") if trainer.step >= 4 else 1.0))
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(up to step 7\).* last good "
+                                               r"checkpoint is .*ckpt_00000006.pt"):
+        trainer.run()
+    # steps 5 and 6 were skipped, so the step-6 checkpoint holds the step-4 weights, all finite
+    at_4 = ckpt.load_checkpoint(trainer.out_dir / "ckpt_00000004.pt")["model"]
+    at_6 = ckpt.load_checkpoint(trainer.out_dir / "ckpt_00000006.pt")["model"]
+    assert all(torch.equal(at_4[k], at_6[k]) and torch.isfinite(at_6[k]).all() for k in at_4)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tiny_config, tmp_path):
+    Trainer(tiny_config(), log=quiet).run()
+    newest = ckpt.latest_checkpoint(tmp_path / "run")
+    data = bytearray(newest.read_bytes())
+    data[-100] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    messages = []
+    resumed = Trainer(tiny_config({"train.max_steps": 8}), log=messages.append)
+    assert resumed.step == 3
+    assert any("is corrupt" in m and "trying the previous checkpoint" in m for m in messages)
+
+
+def run_cli(argv, capsys):
+    code = train_main(argv)
+    return code, capsys.readouterr().err
+
+
+def write_tokens(folder, train, val):
+    folder.mkdir(parents=True)
+    np.asarray(train, dtype="<u2").tofile(folder / "train.bin")
+    np.asarray(val, dtype="<u2").tofile(folder / "val.bin")
+    (folder / "meta.json").write_text("{}")
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("odd_bytes", "odd count"),
+    ("past_vocab", "past the model's vocab_size 50257"),
+    ("too_short", "fewer than block_size + 1"),
+    ("missing_bin", "val.bin does not exist"),
+])
+def test_bad_data_is_one_error_line(tmp_path, capsys, case, needle):
+    folder = tmp_path / "data" / "bad"
+    write_tokens(folder, np.arange(1000) % 50257, np.arange(500))
+    if case == "odd_bytes":
+        (folder / "train.bin").write_bytes((folder / "train.bin").read_bytes() + b"\x01")
+    elif case == "past_vocab":
+        tokens = np.fromfile(folder / "train.bin", dtype="<u2")
+        tokens[10] = 60000
+        tokens.tofile(folder / "train.bin")
+    elif case == "too_short":
+        np.arange(20, dtype="<u2").tofile(folder / "val.bin")
+    elif case == "missing_bin":
+        (folder / "val.bin").unlink()
+    out = tmp_path / "run"
+    argv = [str(REPO / "configs" / "cpu_smoke.toml"), f"--data.data_dir={tmp_path / 'data'}", "--data.dataset=bad",
+            f"--train.out_dir={out}", "--train.device=cpu", "--train.max_steps=1"]
+    code, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--model.n_embd=130", "not divisible by model.n_head"),
+    ("--model.n_layer=-1", "must be positive"),
+    ("--train.micro_batch_size=0", "must be positive"),
+    ("--trian.max_steps=3", "did you mean 'train'"),
+    ("--train.max_steps=3.5", "expected an integer"),
+    ("--optim.betas=0.9", "expected a list of float, float"),
+])
+def test_bad_config_is_one_error_line(tmp_path, capsys, override, needle):
+    # max_steps=1: should the error not fire, the run is short
+    argv = [str(REPO / "configs" / "cpu_smoke.toml"), f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=1",
+            f"--data.data_dir={tmp_path / 'data'}", override]
+    code, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra: pip install -e '.[test]'")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gptfast.config import SECTION_TYPES, load_config  # noqa: E402
+from gptfast.errors import ConfigError  # noqa: E402
+
+KEYS = [f"{section}.{f}" for section, cls in SECTION_TYPES.items() for f in cls.__dataclass_fields__]
+scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                    st.text(max_size=12), st.lists(st.floats(-2, 2), max_size=3))
+names = st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=10))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.dictionaries(st.one_of(st.sampled_from(list(SECTION_TYPES)), st.text(min_size=1, max_size=8)),
+                           st.one_of(st.dictionaries(names.map(lambda k: k.split(".")[-1]), scalars, max_size=4),
+                                     scalars), max_size=4))
+def test_fuzzed_toml_never_tracebacks(tmp_path, doc):
+    import tomllib
+
+    from gptfast.config import _toml_value
+
+    lines = []
+    for section, values in doc.items():
+        if isinstance(values, dict):
+            lines.append(f"[{_toml_value(section) if not section.isidentifier() else section}]")
+            lines += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in values.items()]
+        else:
+            lines.insert(0, f"{_toml_value(section)} = {_toml_value(values)}")
+    path = tmp_path / "fuzz.toml"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError:
+        pass  # an invalid document must be reported as such, below
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(args=st.lists(st.one_of(st.builds(lambda k, v: f"--{k}={v}", names, st.text(max_size=10)),
+                               st.text(max_size=16)), max_size=4))
+def test_fuzzed_overrides_never_traceback(args):
+    try:
+        load_config(None, args)
+    except ConfigError as e:
+        assert "\n" not in str(e)
