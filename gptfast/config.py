@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from gptfast.errors import ConfigError
 VOCAB_PAD_MULTIPLE = 64
 
 DTYPES = ("bfloat16", "float16", "float32")
+CHECKPOINT_POLICIES = ("none", "selective", "full")
 
 
 def _field(default, doc: str):
@@ -87,6 +89,8 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the model")
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     sample_tokens: int = _field(64, "tokens sampled at the end of the run; 0 for none")
+    memory_budget: str = _field("", "plan micro-batch and checkpointing into this much GPU memory, e.g. "
+                                    "\"12GiB\"; empty: train as configured")
 
 
 @dataclass
@@ -97,12 +101,19 @@ class KernelsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    policy: str = _field("none", "activation checkpointing: none, selective (recompute only cheap ops) or full")
+    every: int = _field(1, "checkpoint every k-th block (1: all of them)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def tokens_per_step(self) -> int:
@@ -229,6 +240,27 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
     if not t.out_dir:
         fail("train.out_dir", "must not be empty")
+    if t.memory_budget:
+        try:
+            parse_bytes(t.memory_budget)
+        except ValueError as e:
+            fail("train.memory_budget", str(e))
+    if cfg.checkpointing.policy not in CHECKPOINT_POLICIES:
+        fail("checkpointing.policy", f"expected one of {', '.join(CHECKPOINT_POLICIES)}, got {cfg.checkpointing.policy!r}")
+    if cfg.checkpointing.every <= 0:
+        fail("checkpointing.every", f"must be positive, got {cfg.checkpointing.every}")
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '12 GB', '11000MiB', '1.5TiB' -> bytes; anything else raises ValueError."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B)\s*", text)
+    if not match:
+        raise ValueError(f"expected a size with a unit, such as 12GiB or 11.5 GB, got {text!r}")
+    value = float(match.group(1)) * {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20,
+                                     "GiB": 2**30, "TiB": 2**40}[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return int(value)
 
 
 def parse_override(arg: str, source: str = "command line") -> tuple[str, str, object]:

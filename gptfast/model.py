@@ -7,13 +7,28 @@ References: Radford et al. 2019 (GPT-2), Karpathy's nanoGPT model.py. Attention 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from gptfast.config import KernelsConfig, ModelConfig
+from gptfast.config import CheckpointConfig, KernelsConfig, ModelConfig
+
+aten = torch.ops.aten
+# Selective checkpointing keeps the outputs of these (matmuls, attention: costly to recompute) and
+# recomputes everything else in a checkpointed block (LayerNorm, GELU, adds, dropout: cheap).
+# Attention ops differ by backend and version, so only those this torch has are listed.
+SAVED_OPS = frozenset(getattr(aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+) if hasattr(aten, name))
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -75,12 +90,16 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT-2. `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
-    the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere."""
+    the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere.
+    `ckpt_cfg` recomputes checkpointed blocks in backward (all of a block under "full", its cheap
+    ops under "selective") instead of keeping their activations; gradients are unchanged."""
 
-    def __init__(self, cfg: ModelConfig, kernel_cfg: KernelsConfig | None = None):
+    def __init__(self, cfg: ModelConfig, kernel_cfg: KernelsConfig | None = None,
+                 ckpt_cfg: CheckpointConfig | None = None):
         super().__init__()
         self.config = cfg
         self.kernel_cfg = kernel_cfg or KernelsConfig()
+        self.ckpt_cfg = ckpt_cfg or CheckpointConfig()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -134,9 +153,23 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         if self.kernel_cfg.layernorm and triton_unavailable_reason(x.device) is None:
             return self._blocks_with_fused_layer_norm(x)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = self._run_block(i, block, x)
         return self.transformer.ln_f(x)
+
+    def _checkpointed(self, i: int) -> bool:
+        policy = self.ckpt_cfg.policy
+        return policy != "none" and i % self.ckpt_cfg.every == 0 and torch.is_grad_enabled()
+
+    def _run_block(self, i: int, fn, *args):
+        """fn(*args) for block i, through activation checkpointing when the config asks for it
+        for this block. Dropout masks are the same in the recomputation (the RNG state is kept)."""
+        if not self._checkpointed(i):
+            return fn(*args)
+        if self.ckpt_cfg.policy == "selective":
+            context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def _blocks_with_fused_layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The Block loop and ln_f, computed the same way but with each residual add fused into
@@ -151,11 +184,25 @@ class GPT(nn.Module):
         blocks = self.transformer.h
         ln = blocks[0].ln_1
         y = kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype)  # (B, T, C)
-        for i, block in enumerate(blocks):
+
+        def fused_block(y, x, block, next_ln):
+            """A block from its normalised input y and stream x to the next block's (y, x)."""
             ln = block.ln_2
             y, x = kernels.add_layer_norm(block.attn(y), x, ln.weight, ln.bias, ln.eps, out_dtype)
-            ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
-            y, x = kernels.add_layer_norm(block.mlp(y), x, ln.weight, ln.bias, ln.eps, out_dtype)
+            return kernels.add_layer_norm(block.mlp(y), x, next_ln.weight, next_ln.bias, next_ln.eps, out_dtype)
+
+        def fused_block_from_stream(x, block, next_ln):
+            """The same from the stream alone: a checkpointed block then holds only x, and
+            recomputes its first LayerNorm (cheap) rather than keeping y."""
+            ln = block.ln_1
+            return fused_block(kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype), x, block, next_ln)
+
+        for i, block in enumerate(blocks):
+            next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
+            if self._checkpointed(i):
+                y, x = self._run_block(i, fused_block_from_stream, x, block, next_ln)
+            else:
+                y, x = fused_block(y, x, block, next_ln)
         return y
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

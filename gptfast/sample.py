@@ -19,7 +19,7 @@ def load_model(path: str, device: torch.device) -> tuple[GPT, dict]:
     """The model of a checkpoint file, or of the newest checkpoint in a run directory."""
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], f"{state['path']} (config)")
-    model = GPT(cfg.model, cfg.kernels)
+    model = GPT(cfg.model, cfg.kernels)  # no checkpointing: sampling never runs backward
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 

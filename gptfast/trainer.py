@@ -90,7 +90,10 @@ class Trainer:
             log(f"device cpu: training in float32 (train.dtype = {t.dtype} applies on CUDA)")
         torch.manual_seed(t.seed)
 
-        self.model = GPT(cfg.model, cfg.kernels).to(self.device)
+        if t.memory_budget:
+            cfg = self._apply_memory_plan(cfg)
+            self.cfg, t = cfg, cfg.train
+        self.model = GPT(cfg.model, cfg.kernels, cfg.checkpointing).to(self.device)
         reason = triton_unavailable_reason(self.device)
         triton_ops = [name for name in ("layernorm", "cross_entropy", "adamw") if getattr(cfg.kernels, name)]
         if triton_ops and reason:
@@ -123,6 +126,16 @@ class Trainer:
         self.train_model = torch.compile(self.model) if t.compile else self.model
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+
+    def _apply_memory_plan(self, cfg: Config) -> Config:
+        """train.memory_budget: the fastest micro-batch and checkpointing policy predicted to fit,
+        printed first; tokens per optimizer step stay as configured."""
+        from gptfast import memory
+
+        act_bytes = 2 if self.amp_dtype is not None else 4
+        chosen = memory.plan(cfg, memory.budget_bytes(cfg.train.memory_budget, "train.memory_budget"), act_bytes)
+        memory.format_plan(chosen, self.log)
+        return memory.apply_plan(cfg, chosen.choice)
 
     # -- run directory ---------------------------------------------------------------------------
 

@@ -1,0 +1,256 @@
+"""Training memory: measure what autograd saves, predict the peak, and plan a config into a budget.
+
+The prediction mirrors what the model keeps (see `activation_bytes_per_token`): per token and
+block, the tensors autograd saves for backward under each checkpointing policy, counted from the
+ops of Block.forward; plus weights, gradients and AdamW moments, autocast's bf16 weight copies,
+the loss path (the unfused path holds fp32 log-probabilities of the whole vocabulary; the fused
+kernel holds one chunk), and one block's worth of transient gradients during backward.
+`measure_saved_bytes` counts the same thing on a real forward, which is how the formulas are
+checked (tests/test_memory.py), on any device.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gptfast.config import CheckpointConfig, Config, ModelConfig, parse_bytes
+from gptfast.errors import ConfigError
+
+POLICIES = ("none", "selective", "full")
+# Relative cost of a training step under each policy (forward = 1/3 of forward + backward):
+# "full" recomputes every checkpointed block's forward; "selective" only its cheap elementwise ops.
+RECOMPUTE_COST = {"none": 0.0, "selective": 0.05, "full": 1 / 3}
+FUSED_CE_CHUNK_BYTES = 256 * 2**20  # kernels.cross_entropy.CHUNK_BYTES, the default chunk budget
+# A plan fits when its predicted peak of allocated bytes, plus this share for the caching
+# allocator's fragmentation (reserved beyond allocated), is within the budget.
+ALLOCATOR_SLACK = 0.05
+
+
+def budget_bytes(text: str, source: str = "memory budget") -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement
+
+
+class _AliveAfterForward(TorchDispatchMode):
+    """Records the storage of every op output (weakly, with where it was made); whatever is still
+    alive once the forward returns is held for backward: saved tensors, checkpoint inputs, and
+    the outputs selective checkpointing caches. Storages that existed before (parameters,
+    inputs) are left out."""
+
+    def __init__(self, place: list[str], existing: set[int]):
+        super().__init__()
+        self.place, self.existing, self.records = place, existing, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.existing and storage.nbytes():
+                    self.records.append((weakref.ref(storage), storage.nbytes(), self.place[0]))
+        return out
+
+
+def measure_saved_bytes(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor,
+                        autocast_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes one training forward leaves held for backward, by where they were made:
+    "embedding", "block 0" ... "block L-1", "head" (ln_f, lm_head and loss). Works on any device.
+
+    saved_tensors_hooks alone cannot see inside checkpointed blocks (checkpointing installs hooks of
+    its own, which take precedence), so every op output is tracked and counted if it is still
+    alive after the forward: exactly what autograd, checkpointing and selective checkpointing keep.
+    Each storage counts once; autocast's bf16 weight copies count where they are made."""
+    place = ["embedding"]
+    existing = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    existing |= {idx.untyped_storage().data_ptr(), targets.untyped_storage().data_ptr()}
+    hooks = []
+    for i, block in enumerate(model.transformer.h):
+        # attn's pre-hook marks the start of block i on both paths (the fused one skips Block.forward)
+        hooks.append(block.attn.register_forward_pre_hook(lambda m, a, i=i: place.__setitem__(0, f"block {i}")))
+    hooks.append(model.transformer.ln_f.register_forward_pre_hook(lambda m, a: place.__setitem__(0, "head")))
+    hooks.append(model.lm_head.register_forward_pre_hook(lambda m, a: place.__setitem__(0, "head")))
+    tracker = _AliveAfterForward(place, existing)
+    try:
+        with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with tracker:
+                loss = model(idx, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    loss_storage = loss.untyped_storage().data_ptr()
+    gc.collect()
+    seen: set[int] = set()
+    by_place: dict[str, int] = {}
+    for ref, nbytes, where in tracker.records:
+        storage = ref()
+        if storage is None or storage.data_ptr() in seen or storage.data_ptr() == loss_storage:
+            continue
+        seen.add(storage.data_ptr())
+        by_place[where] = by_place.get(where, 0) + nbytes
+    del loss
+    return by_place
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction
+
+
+def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fused_ln: bool) -> float:
+    """Bytes one block holds for backward per token. C = width, H = heads, a = activation bytes
+    (2 under bf16 autocast, 4 in fp32); the residual stream is always fp32 (4 B).
+    none:      the two LayerNorms' fp32 inputs (the block input and the stream after attention,
+               2 x 4C) and stats (2 x 8); the matmul inputs (ln_1 and ln_2 outputs in the
+               activation dtype, 2aC); q, k, v (3aC); attention's output (aC, which c_proj also
+               reads) and fp32 log-sum-exp per head (4H); the c_fc output that GELU saves (4aC)
+               and the GELU output that c_proj saves (4aC): 8C + 16 + 14aC + 4H.
+    selective: the block's fp32 input (4C), the matmul outputs (qkv 3aC, attention's c_proj aC,
+               c_fc 4aC, mlp c_proj aC) and attention's outputs (aC + 4H); LayerNorm, GELU, the
+               adds and the autocast copies are recomputed: 4C + 10aC + 4H.
+    full:      the block's fp32 input only (4C).
+    The fused-LayerNorm path keeps the same tensors: a checkpointed block there starts from the
+    stream alone and recomputes its first LayerNorm, so `fused_ln` changes nothing in the count."""
+    C, H, a = cfg.n_embd, cfg.n_head, act_bytes
+    if policy == "none":
+        return 8 * C + 16 + 14 * a * C + 4 * H
+    if policy == "selective":
+        return 4 * C + 10 * a * C + 4 * H
+    if policy == "full":
+        return 4 * C
+    raise ValueError(f"unknown policy {policy!r}")
+
+
+@dataclass
+class Prediction:
+    micro_batch_size: int
+    grad_accum_steps: int
+    policy: str
+    every: int
+    peak_bytes: int
+    parts: dict[str, int]  # what the peak is made of
+    relative_speed: float  # expected throughput relative to the fastest conceivable candidate
+
+
+def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1,
+                 act_bytes: int = 2, fused_ce: bool | None = None, fused_adamw: bool | None = None) -> Prediction:
+    """Predicted torch.cuda.max_memory_allocated for training `cfg` at this micro-batch and
+    checkpointing policy (every k-th block checkpointed; the rest keep everything)."""
+    m = cfg.model
+    fused_ce = cfg.kernels.cross_entropy if fused_ce is None else fused_ce
+    fused_adamw = cfg.kernels.adamw if fused_adamw is None else fused_adamw
+    tokens = micro_batch_size * m.block_size
+    with torch.device("meta"):
+        from gptfast.model import GPT
+
+        n_params = sum(p.numel() for p in GPT(m).parameters())  # with the padded vocabulary
+    checkpointed = 0 if policy == "none" else len(range(0, m.n_layer, every))
+    per_token = (checkpointed * activation_bytes_per_token(m, policy, act_bytes, cfg.kernels.layernorm)
+                 + (m.n_layer - checkpointed) * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
+    vocab = m.vocab_size
+    parts = {
+        "weights + grads": 8 * n_params,
+        "adamw moments": 8 * n_params,
+        "bf16 weight copies": 2 * n_params if act_bytes == 2 else 0,
+        "activations": int(per_token * tokens),
+        # embedding output + ln_f input (fp32 stream), ln_f output for the head matmul
+        "embedding + head": int(tokens * (4 * m.n_embd * 2 + act_bytes * m.n_embd + 16)),
+    }
+    if fused_ce:
+        # one chunk of logits (in place, also its gradient), grad_hidden, fp32 grad_weight
+        chunk = min(tokens * vocab * act_bytes, FUSED_CE_CHUNK_BYTES)
+        parts["loss"] = chunk + tokens * m.n_embd * act_bytes + vocab * m.n_embd * 4
+    else:
+        # logits (padded, activation dtype) and their fp32 copy, fp32 log-probabilities saved for
+        # backward, and in backward their fp32 gradient: ~ (2a + 12) bytes per token and class
+        parts["loss"] = tokens * m.padded_vocab_size * (act_bytes * 2 + 12)
+    # Backward of one block: gradients of its saved activations, plus a recomputed block's
+    # activations when it is checkpointed.
+    parts["backward transient"] = int(tokens * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
+    if not fused_adamw:
+        parts["optimizer transient"] = 4 * max(p for p in (m.padded_vocab_size * m.n_embd, 4 * m.n_embd ** 2))
+    peak = sum(parts.values())
+    # Expected speed: recompute cost, and efficiency growing with the tokens per micro-batch as
+    # fixed per-micro-step costs (launches, Python, small-matmul tails) are amortised; half speed at
+    # 1024 tokens is a heuristic, not yet calibrated on a GPU.
+    recompute = RECOMPUTE_COST[policy] * checkpointed / m.n_layer
+    efficiency = 1.0 / (1.0 + 1024.0 / tokens)
+    speed = efficiency / (1.0 + recompute)
+    accum = cfg.tokens_per_step // tokens
+    return Prediction(micro_batch_size, accum, policy, every, int(peak), parts, speed)
+
+
+MAX_MICRO_BATCH = 64  # sequences; beyond this a 124M-350M model gains nothing from a larger micro-batch
+
+
+def candidates(cfg: Config, act_bytes: int = 2) -> list[Prediction]:
+    """Every power-of-two micro-batch up to MAX_MICRO_BATCH that divides the configured sequences
+    per optimizer step, under every policy."""
+    total_sequences = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    sizes = [b for b in range(1, min(total_sequences, MAX_MICRO_BATCH) + 1)
+             if total_sequences % b == 0 and b & (b - 1) == 0] or [1]
+    return [predict_peak(cfg, b, policy, act_bytes=act_bytes) for b in sizes for policy in POLICIES]
+
+
+def fits(candidate: Prediction, budget_bytes: int) -> bool:
+    return candidate.peak_bytes * (1 + ALLOCATOR_SLACK) <= budget_bytes
+
+
+@dataclass
+class Plan:
+    choice: Prediction
+    considered: list[Prediction]
+    budget_bytes: int
+
+
+def plan(cfg: Config, budget_bytes: int, act_bytes: int = 2) -> Plan:
+    """The fastest candidate whose predicted peak fits the budget; tokens per step are kept.
+    A budget nothing fits in is a ConfigError naming the smallest budget that would work.
+    act_bytes: 2 for bf16 / fp16 autocast (CUDA), 4 for fp32."""
+    considered = candidates(cfg, act_bytes)
+    fitting = [c for c in considered if fits(c, budget_bytes)]
+    if not fitting:
+        smallest = min(considered, key=lambda c: c.peak_bytes)
+        raise ConfigError(
+            f"memory budget {format_bytes(budget_bytes)}: no micro-batch and checkpointing policy fits this model; "
+            f"the smallest plan (micro-batch {smallest.micro_batch_size}, checkpointing {smallest.policy}) needs "
+            f"{format_bytes(smallest.peak_bytes * (1 + ALLOCATOR_SLACK))}")
+    best = max(fitting, key=lambda c: (c.relative_speed, c.micro_batch_size))
+    return Plan(best, considered, budget_bytes)
+
+
+def apply_plan(cfg: Config, chosen: Prediction) -> Config:
+    """`cfg` with the plan's micro-batch, accumulation and checkpointing."""
+    return replace(cfg,
+                   train=replace(cfg.train, micro_batch_size=chosen.micro_batch_size,
+                                 grad_accum_steps=chosen.grad_accum_steps),
+                   checkpointing=CheckpointConfig(policy=chosen.policy, every=chosen.every))
+
+
+def format_plan(p: Plan, log: Callable[[str], None] = print) -> None:
+    fastest = max(c.relative_speed for c in p.considered)
+    log(f"memory plan for a budget of {format_bytes(p.budget_bytes)} (a plan fits when its predicted peak "
+        f"+ {ALLOCATOR_SLACK:.0%} allocator slack does):")
+    log(f"  {'micro-batch':>11} {'accum':>6} {'checkpointing':>13} {'predicted peak':>15} {'speed':>6}  fits")
+    for c in sorted(p.considered, key=lambda c: (c.micro_batch_size, POLICIES.index(c.policy))):
+        mark = "  <- chosen" if c is p.choice else ""
+        log(f"  {c.micro_batch_size:>11} {c.grad_accum_steps:>6} {c.policy:>13} {format_bytes(c.peak_bytes):>15} "
+            f"{c.relative_speed / fastest:>6.2f}  {'yes' if fits(c, p.budget_bytes) else 'no'}{mark}")
+    parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.choice.parts.items())
+    log(f"chosen: micro-batch {p.choice.micro_batch_size} x {p.choice.grad_accum_steps} accumulation, "
+        f"checkpointing {p.choice.policy}; predicted peak {format_bytes(p.choice.peak_bytes)} ({parts})")

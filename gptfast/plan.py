@@ -1,0 +1,29 @@
+"""`python -m gptfast.plan CONFIG --budget 12GiB [--section.key=value ...]`: which micro-batch and
+activation checkpointing fit a GPU memory budget, predicted without a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptfast.config import load_config
+from gptfast.errors import run_cli
+from gptfast.memory import budget_bytes, format_plan, plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptfast.plan", description=__doc__)
+    parser.add_argument("config", help="a training config (TOML)")
+    parser.add_argument("--budget", required=True, help="GPU memory to plan for, e.g. 12GiB")
+    parser.add_argument("--fp32", action="store_true", help="plan for float32 activations (CPU) instead of bf16")
+    args, overrides = parser.parse_known_args(argv)
+
+    def show():
+        cfg = load_config(args.config, overrides)
+        format_plan(plan(cfg, budget_bytes(args.budget, "--budget"), act_bytes=4 if args.fp32 else 2))
+
+    return run_cli(show)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Activation checkpointing and the memory planner (gptfast/memory.py)."""
+
+import pytest
+import torch
+
+from conftest import REPO
+from gptfast.config import CheckpointConfig, KernelsConfig, ModelConfig, load_config
+from gptfast.errors import ConfigError
+from gptfast.memory import activation_bytes_per_token, budget_bytes, measure_saved_bytes, plan
+from gptfast.model import GPT
+from gptfast.plan import main as plan_main
+
+TINY = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=32, vocab_size=101)
+POLICIES = ["none", "selective", "full"]
+
+
+def batch(cfg=TINY, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (2, 2, cfg.block_size), generator=gen)
+
+
+def interior_block_bytes(measured: dict, cfg=TINY) -> int:
+    """Bytes of every block but the last: the last one also makes the head's inputs."""
+    return sum(measured[f"block {i}"] for i in range(cfg.n_layer - 1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused_kernels"])
+def test_saved_bytes_order_and_prediction(fused):
+    """none > selective > full, and each within 10% of the planner's per-token formula."""
+    kernels = KernelsConfig(layernorm=True, cross_entropy=True) if fused else KernelsConfig()
+    x, y = batch()
+    tokens = x.numel()
+    measured = {}
+    for policy in POLICIES:
+        torch.manual_seed(0)
+        model = GPT(TINY, kernels, CheckpointConfig(policy=policy))
+        measured[policy] = interior_block_bytes(measure_saved_bytes(model, x, y))
+        predicted = (TINY.n_layer - 1) * tokens * activation_bytes_per_token(TINY, policy, 4, fused)
+        assert abs(measured[policy] - predicted) <= 0.10 * predicted, (policy, measured[policy], predicted)
+    assert measured["none"] > measured["selective"] > measured["full"]
+
+
+@pytest.mark.parametrize("policy, every", [("selective", 1), ("full", 1), ("full", 2), ("selective", 3)])
+def test_gradients_identical_across_policies(policy, every):
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=57, dropout=0.1)
+    x, y = batch(cfg, seed=1)
+    grads = []
+    for ckpt in (CheckpointConfig(), CheckpointConfig(policy=policy, every=every)):
+        torch.manual_seed(2)
+        model = GPT(cfg, ckpt_cfg=ckpt)
+        torch.manual_seed(3)  # the same dropout masks; checkpointing replays them in recomputation
+        loss = model(x, y)
+        grads.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_every_kth_block_is_checkpointed():
+    x, y = batch()
+    torch.manual_seed(0)
+    measured = measure_saved_bytes(GPT(TINY, ckpt_cfg=CheckpointConfig(policy="full", every=2)), x, y)
+    full = activation_bytes_per_token(TINY, "full", 4, False) * x.numel()
+    # block 0 (checkpointed) holds its input, plus block 1's input, made at its end
+    assert measured["block 0"] < 3 * full and measured["block 1"] > 10 * full and measured["block 2"] < 3 * full
+
+
+def test_medium_plans_into_12_gib_at_micro_batch_8_with_kernels():
+    cfg = load_config(REPO / "configs" / "medium_4070.toml",
+                      ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true"])
+    chosen = plan(cfg, budget_bytes("12GiB")).choice
+    assert chosen.micro_batch_size >= 8 and chosen.policy == "selective"
+    assert chosen.micro_batch_size * chosen.grad_accum_steps == 512  # tokens per step kept
+    assert chosen.peak_bytes <= 12 * 2**30
+
+
+def test_bigger_budget_never_picks_a_smaller_micro_batch():
+    cfg = load_config(REPO / "configs" / "small_4070.toml", ["--kernels.cross_entropy=true"])
+    picks = [plan(cfg, int(gib * 2**30)).choice.micro_batch_size for gib in (4, 5, 6, 8, 10, 12, 16, 24, 48, 80)]
+    assert picks == sorted(picks), picks
+
+
+@pytest.mark.parametrize("text, message", [
+    ("12 GB!", "expected a size with a unit"),
+    ("-3GiB", "expected a size with a unit"),
+    ("0GiB", "must be positive"),
+    ("twelve", "expected a size with a unit"),
+])
+def test_bad_budgets(text, message):
+    with pytest.raises(ConfigError, match=message):
+        budget_bytes(text)
+
+
+def test_budget_too_small_names_the_smallest_that_works():
+    cfg = load_config(REPO / "configs" / "medium_4070.toml")
+    with pytest.raises(ConfigError, match=r"the smallest plan \(micro-batch 1, checkpointing full\) needs \d+\.\d+ GiB"):
+        plan(cfg, budget_bytes("2GiB"))
+
+
+def test_plan_cli(capsys):
+    assert plan_main([str(REPO / "configs" / "medium_4070.toml"), "--budget", "12GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for a budget of 12.00 GiB" in out and "<- chosen" in out and out.count("\n") > 10
+    assert plan_main([str(REPO / "configs" / "medium_4070.toml"), "--budget", "12 GB!"]) == 2
+    assert "expected a size with a unit" in capsys.readouterr().err
+
+
+def test_trainer_applies_the_plan(tiny_config):
+    from gptfast.trainer import Trainer
+
+    messages = []
+    trainer = Trainer(tiny_config({"train.memory_budget": '"256MiB"', "train.max_steps": 2}), log=messages.append)
+    assert any(m.startswith("memory plan for a budget of") for m in messages)
+    cfg = trainer.cfg
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum_steps == 8  # 4 x 2 as configured
+    trainer.run()
+    assert "[checkpointing]" in (trainer.out_dir / "config.toml").read_text()
+
+
+def test_checkpointing_config_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[checkpointing]\npolicy = "some"\n')
+    with pytest.raises(ConfigError, match="checkpointing.policy: expected one of none, selective, full"):
+        load_config(path)
+    path.write_text("[train]\nmemory_budget = \"12 GB!\"\n")
+    with pytest.raises(ConfigError, match="train.memory_budget"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_checkpointing_under_torch_compile(policy):
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=57)
+    x, y = batch(cfg, seed=4)
+    torch.manual_seed(5)
+    eager = GPT(cfg, ckpt_cfg=CheckpointConfig(policy=policy))
+    compiled = torch.compile(eager, backend="aot_eager")
+    want = eager(x, y)
+    got = compiled(x, y)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, list(eager.parameters())),
+                    torch.autograd.grad(want, list(eager.parameters()))):
+        torch.testing.assert_close(a, b)
