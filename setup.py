@@ -14,6 +14,11 @@ setup(
         "tiktoken>=0.6",
         "numpy>=1.24",
         "nvidia-ml-py>=12.0",
+        "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        # only the tests use transformers: to check that exported checkpoints load there
+        "hf": ["transformers>=4.40"],
+    },
 )

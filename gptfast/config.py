@@ -89,6 +89,8 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the model")
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     sample_tokens: int = _field(64, "tokens sampled at the end of the run; 0 for none")
+    init_from: str = _field("", "a Hugging Face GPT-2 directory to start from; its config.json sets the "
+                                "architecture ([model] keeps only dropout)")
     memory_budget: str = _field("", "plan micro-batch and checkpointing into this much GPU memory, e.g. "
                                     "\"12GiB\"; empty: train as configured")
 

@@ -51,14 +51,28 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a KV cache (two (B, nh, block_size, hs) buffers), this
+        call's keys and values are written at positions start.. and attention reads every cached
+        position before them: a prompt is one call from start 0, then one call per new token."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        is_causal = True
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, nh, start + T, hs)
+            # a prompt (start 0) is causal within itself; a single new token sees all that precedes it
+            is_causal = T > 1
+            if T > 1 and start:
+                raise ValueError("a KV cache takes a prompt at position 0, then one token at a time")
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -83,8 +97,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -232,21 +246,63 @@ class GPT(nn.Module):
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
                                             compute_dtype=compute_dtype)
 
+    def _logits_with_cache(self, idx: torch.Tensor, caches: list, start: int) -> torch.Tensor:
+        """Logits (B, V) of the last position of idx (B, T), which sits at positions start.."""
+        T = idx.size(1)
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block, cache in zip(self.transformer.h, caches):
+            x = block(x, cache, start)
+        x = self.transformer.ln_f(x[:, -1:])  # (B, 1, C)
+        return self.lm_head(x)[:, 0, : self.config.vocab_size]  # (B, V)
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy."""
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy.
+
+        With `use_cache`, keys and values are kept per layer, so each new token costs one position
+        of compute; once the context fills block_size, the last block_size tokens are recomputed
+        per step, as without the cache. The two give the same tokens."""
+        L = self.config.block_size
+        caches, pos = None, 0
+        if use_cache:
+            dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) \
+                else self.lm_head.weight.dtype
+            shape = (idx.size(0), self.config.n_head, L, self.config.n_embd // self.config.n_head)
+            caches = [(torch.empty(shape, dtype=dtype, device=idx.device), torch.empty(shape, dtype=dtype, device=idx.device))
+                      for _ in self.transformer.h]
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits = self(context)[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            if not use_cache:
+                logits = self(idx[:, -L:])[:, -1, :]
+            elif pos == 0 or pos >= L:  # the prompt, or a full window: (re)compute the last L tokens
+                context = idx[:, -L:]
+                logits = self._logits_with_cache(context, caches, 0)
+                pos = context.size(1)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+                logits = self._logits_with_cache(idx[:, -1:], caches, pos)
+                pos += 1
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) token ids: greedy at temperature 0, else sampled from the
+    temperature-scaled distribution restricted to the top_k likeliest tokens and to the smallest
+    set whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already reach top_p (the first always stays)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)

@@ -31,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 for all")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: the smallest set of tokens whose probability reaches p; 1 for all")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
         parser.error("--max-new-tokens, --temperature and --top-k must be >= 0, --num-samples >= 1")
+    if not 0.0 < args.top_p <= 1.0:
+        parser.error("--top-p must be in (0, 1]")
     return run_cli(lambda: print_samples(args))
 
 
@@ -51,7 +55,7 @@ def print_samples(args: argparse.Namespace) -> None:
     dtype = AUTOCAST_DTYPES.get(state["config"]["train"]["dtype"]) if device.type == "cuda" else None
     for i in range(args.num_samples):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None,
+            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                                  generator=generator)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")

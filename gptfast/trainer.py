@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -90,9 +91,14 @@ class Trainer:
             log(f"device cpu: training in float32 (train.dtype = {t.dtype} applies on CUDA)")
         torch.manual_seed(t.seed)
 
+        if t.init_from:  # the architecture is the pretrained checkpoint's, on resume too
+            from gptfast import hf
+
+            hf_model = hf.model_config_from_hf(hf.read_hf_config(Path(t.init_from)), cfg.model.dropout)
+            cfg = dataclasses.replace(cfg, model=hf_model)
         if t.memory_budget:
             cfg = self._apply_memory_plan(cfg)
-            self.cfg, t = cfg, cfg.train
+        self.cfg, t = cfg, cfg.train
         self.model = GPT(cfg.model, cfg.kernels, cfg.checkpointing).to(self.device)
         reason = triton_unavailable_reason(self.device)
         triton_ops = [name for name in ("layernorm", "cross_entropy", "adamw") if getattr(cfg.kernels, name)]
@@ -122,6 +128,11 @@ class Trainer:
             self._resume()
         else:
             self._set_aside_previous_run()
+        if t.init_from and self.step == 0:
+            from gptfast import hf
+
+            hf.load_hf_into(self.model, t.init_from)
+            log(f"initialised from {t.init_from} (fresh optimizer, step 0)")
         self._write_config()
         self.train_model = torch.compile(self.model) if t.compile else self.model
         self.flops_per_token = self.model.flops_per_token()

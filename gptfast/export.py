@@ -1,0 +1,31 @@
+"""`python -m gptfast.export CKPT_OR_OUT_DIR OUT_DIR`: write a gptfast checkpoint as a Hugging Face
+GPT-2 directory (config.json + model.safetensors) that `GPT2LMHeadModel.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptfast.checkpoint import load_checkpoint
+from gptfast.config import config_from_dict
+from gptfast.errors import run_cli
+from gptfast.hf import export_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptfast.export", description=__doc__)
+    parser.add_argument("checkpoint", help="a ckpt_<step>.pt file, or a run directory (its newest checkpoint)")
+    parser.add_argument("out_dir", help="directory to write config.json and model.safetensors into")
+    args = parser.parse_args(argv)
+
+    def export():
+        state = load_checkpoint(args.checkpoint)
+        cfg = config_from_dict(state["config"], f"{state['path']} (config)")
+        out = export_hf(state["model"], cfg.model, args.out_dir)
+        print(f"exported {state['path']} (step {state['step']}) to {out}")
+
+    return run_cli(export)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

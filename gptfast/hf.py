@@ -1,0 +1,143 @@
+"""Hugging Face GPT-2 checkpoints in and out: `[train] init_from = DIR` and `python -m gptfast.export`.
+
+A Hugging Face GPT-2 directory holds `config.json` and `model.safetensors` (or the older
+`pytorch_model.bin`). Its Linear layers are `Conv1D`s, whose weights are stored (in, out): they are
+transposed on the way in and out. lm_head is tied to the token embedding, so only `wte` is stored.
+Only `safetensors` (and torch, for `.bin`) is used here; `transformers` is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from gptfast.config import ModelConfig
+from gptfast.errors import CheckpointError
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# config.json values under which the checkpoint computes what gptfast's GPT computes
+REQUIRED_CONFIG = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_by_inverse_layer_idx": (False,),
+                   "reorder_and_upcast_attn": (False,), "scale_attn_weights": (True,)}
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"init_from {folder}: not a directory")
+    if not path.exists():
+        raise CheckpointError(f"init_from {folder}: config.json is missing (a Hugging Face GPT-2 directory holds "
+                              "config.json and model.safetensors)")
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"init_from {path}: unreadable JSON ({e})") from None
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"init_from {path}: model_type {hf.get('model_type')!r}, expected 'gpt2'")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
+    if missing:
+        raise CheckpointError(f"init_from {path}: missing {', '.join(missing)}")
+    for key, allowed in REQUIRED_CONFIG.items():
+        if key in hf and hf[key] not in allowed:
+            raise CheckpointError(f"init_from {path}: {key} = {hf[key]!r} is not supported (expected {allowed[0]!r})")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise CheckpointError(f"init_from {path}: n_inner = {hf['n_inner']} is not supported (expected 4 * n_embd)")
+    return hf
+
+
+def model_config_from_hf(hf: dict, dropout: float) -> ModelConfig:
+    return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
+                       vocab_size=hf["vocab_size"], dropout=dropout, bias=True)
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    safetensors_path, bin_path = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if safetensors_path.exists():
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(str(safetensors_path))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"init_from {safetensors_path}: unreadable ({e})") from None
+    elif bin_path.exists():
+        try:
+            weights = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"init_from {bin_path}: unreadable ({str(e).splitlines()[0]})") from None
+    else:
+        raise CheckpointError(f"init_from {folder}: neither model.safetensors nor pytorch_model.bin is there")
+    # The hub's gpt2 files name keys without the "transformer." prefix; save_pretrained adds it.
+    return {k.removeprefix("transformer."): v for k, v in weights.items()}
+
+
+def load_hf_into(model: torch.nn.Module, folder: str | Path) -> None:
+    """Copy a Hugging Face GPT-2 checkpoint into `model`, whose config must match it."""
+    folder = Path(folder)
+    weights = read_hf_weights(folder)
+    cfg = model.config
+    expected = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
+    for i in range(cfg.n_layer):
+        for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", *CONV1D_WEIGHTS,
+                     "attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
+            expected.add(f"h.{i}.{name}")
+    missing = sorted(expected - weights.keys())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"init_from {folder}: the weights lack {shown}")
+    ours = model.state_dict()
+    with torch.no_grad():
+        for name in sorted(expected):
+            tensor = weights[name]
+            if any(name.endswith(w) for w in CONV1D_WEIGHTS):
+                tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear holds (out, in)
+            target = ours[f"transformer.{name}"]
+            if name == "wte.weight":  # our embedding is padded to a multiple of 64 rows
+                target = target[: tensor.shape[0]]
+            if target.shape != tensor.shape:
+                raise CheckpointError(f"init_from {folder}: {name} has shape {tuple(tensor.shape)}, "
+                                      f"config.json implies {tuple(target.shape)}")
+            target.copy_(tensor)
+        model.transformer.wte.weight[cfg.vocab_size:].zero_()
+
+
+def hf_config_of(cfg: ModelConfig) -> dict:
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "scale_attn_weights": True, "use_cache": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Write config.json and model.safetensors that GPT2LMHeadModel.from_pretrained loads. A model
+    trained without biases is written with zero biases: the same function."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model_state.items():
+        if not key.startswith("transformer."):
+            continue  # lm_head.weight is the tied wte
+        name = key.removeprefix("transformer.")
+        if name == "wte.weight":
+            value = value[: cfg.vocab_size]
+        if any(name.endswith(w) for w in CONV1D_WEIGHTS):
+            value = value.t()
+        tensors[key] = value.detach().to(torch.float32).contiguous().clone()
+    if not cfg.bias:
+        for i in range(cfg.n_layer):
+            for name, size in (("ln_1", cfg.n_embd), ("ln_2", cfg.n_embd), ("attn.c_attn", 3 * cfg.n_embd),
+                               ("attn.c_proj", cfg.n_embd), ("mlp.c_fc", 4 * cfg.n_embd), ("mlp.c_proj", cfg.n_embd)):
+                tensors.setdefault(f"transformer.h.{i}.{name}.bias", torch.zeros(size))
+        tensors.setdefault("transformer.ln_f.bias", torch.zeros(cfg.n_embd))
+    tmp = out / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_config_of(cfg), indent=2) + "\n")
+    return out

@@ -1,0 +1,133 @@
+"""Hugging Face GPT-2 interop (gptfast/hf.py): init_from, export, and the KV-cache sampler."""
+
+import json
+
+import pytest
+import torch
+
+from gptfast import hf
+from gptfast.config import ModelConfig
+from gptfast.errors import CheckpointError
+from gptfast.model import GPT
+
+transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
+
+
+def random_hf_model(tmp_path, vocab=101, n_layer=2, n_head=2, n_embd=32, n_positions=48, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases and LayerNorms trivial: make them count
+        for name, p in model.named_parameters():
+            if "bias" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path / "hf_model"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def ours_from(folder) -> GPT:
+    cfg = hf.model_config_from_hf(hf.read_hf_config(folder), dropout=0.0)
+    model = GPT(cfg).eval()
+    hf.load_hf_into(model, folder)
+    return model
+
+
+@pytest.mark.parametrize("n_layer, n_head, n_embd, n_positions", [(2, 2, 32, 48), (3, 4, 48, 17)])
+def test_init_from_gives_the_same_logits(tmp_path, n_layer, n_head, n_embd, n_positions):
+    theirs, folder = random_hf_model(tmp_path, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
+    ours = ours_from(folder)
+    assert (ours.config.n_layer, ours.config.block_size) == (n_layer, n_positions)
+    idx = torch.randint(0, 101, (3, n_positions))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, bias):
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=20, vocab_size=77, bias=bias)
+    ours = GPT(cfg).eval()
+    out = hf.export_hf(ours.state_dict(), cfg, tmp_path / "exported")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.randint(0, 77, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
+    # and back again
+    torch.testing.assert_close(ours_from(out)(idx), ours(idx), atol=0, rtol=0)
+
+
+def test_finetune_from_a_hf_directory_and_export(tiny_config, tmp_path):
+    from gptfast.export import main as export_main
+    from gptfast.trainer import Trainer
+
+    theirs, folder = random_hf_model(tmp_path, vocab=50257, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+    messages = []
+    trainer = Trainer(tiny_config({"train.init_from": f'"{folder}"', "model.n_layer": 5, "train.max_steps": 3}),
+                      log=messages.append)
+    assert trainer.cfg.model.n_layer == 2  # the architecture is the checkpoint's
+    assert any(m.startswith(f"initialised from {folder}") for m in messages)
+    idx = torch.randint(0, 50257, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model.eval()(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
+    result = trainer.run()
+    assert result.step == 3 and result.train_loss is not None
+    assert export_main([str(trainer.out_dir), str(tmp_path / "exported")]) == 0
+    tuned = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(idx).logits, trainer.model.eval()(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_incomplete_or_mismatched_directories(tmp_path):
+    _, folder = random_hf_model(tmp_path)
+    model = ours_from(folder)
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        hf.read_hf_config(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        hf.read_hf_config(tmp_path / "nowhere")
+    config = json.loads((folder / "config.json").read_text())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_head"}))
+    with pytest.raises(CheckpointError, match="missing n_head"):
+        hf.read_hf_config(broken)
+    (broken / "config.json").write_text(json.dumps(dict(config, activation_function="relu")))
+    with pytest.raises(CheckpointError, match="activation_function = 'relu' is not supported"):
+        hf.read_hf_config(broken)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
+        hf.load_hf_into(model, broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "h.1.mlp" not in k}, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"the weights lack h\.1\.mlp"):
+        hf.load_hf_into(model, broken)
+    wider = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=48, vocab_size=101))
+    with pytest.raises(CheckpointError, match="has shape"):
+        hf.load_hf_into(wider, folder)
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(5, 20), (30, 25)], ids=["within_context", "past_context"])
+def test_cached_and_uncached_greedy_generation_agree(prompt_len, new_tokens):
+    torch.manual_seed(2)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=97)).eval()
+    idx = torch.randint(0, 97, (2, prompt_len))
+    cached = model.generate(idx, new_tokens, temperature=0, use_cache=True)
+    uncached = model.generate(idx, new_tokens, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt_len + new_tokens) and torch.equal(cached, uncached)
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_restricts():
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50)).eval()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    runs = [model.generate(idx, 30, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(9))
+            for _ in range(2)]
+    assert torch.equal(*runs)
+    from gptfast.model import sample_next
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0]])  # softmax ~ [0.66, 0.24, 0.09, 0.0003]
+    picks = {int(sample_next(logits, 1.0, None, 0.8, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert picks == {0, 1}  # 0.66 < 0.8, so the nucleus is the first two tokens
