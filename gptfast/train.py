@@ -11,6 +11,8 @@ import shlex
 import signal
 import sys
 
+import torch
+
 from gptfast.config import load_config
 from gptfast.errors import run_cli
 from gptfast.trainer import Trainer
@@ -41,10 +43,14 @@ def stop_on_signals(trainer: Trainer):
 
 
 def train(argv: list[str]) -> None:
-    trainer = Trainer(load_config(argv[0], argv[1:]))
-    with stop_on_signals(trainer):
-        result = trainer.run()
-    if result.stopped:
+    try:
+        trainer = Trainer(load_config(argv[0], argv[1:]))
+        with stop_on_signals(trainer):
+            result = trainer.run()
+    finally:
+        if torch.distributed.is_initialized():  # under torchrun
+            torch.distributed.destroy_process_group()
+    if result.stopped and trainer.dist.main:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\n"
               f"resume with: python -m gptfast.train {shlex.join(argv)}", flush=True)
 

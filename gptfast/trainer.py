@@ -6,12 +6,15 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from gptfast import checkpoint as ckpt
 from gptfast.config import Config, to_toml
@@ -22,6 +25,24 @@ from gptfast.model import GPT, triton_unavailable_reason
 from gptfast.optim import FusedAdamW, build_optimizer, lr_at
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,6 +89,10 @@ class TrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
 
 
+def _silent(_: str) -> None:
+    pass
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "nan" if value is None else format(value, spec)
 
@@ -81,9 +106,14 @@ class Trainer:
     """Builds everything a run needs from a Config, then `run()` trains to train.max_steps."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.dist = DistInfo.from_env()
+        if not self.dist.main:  # one voice: rank 0 logs, evaluates and writes files
+            log = _silent
         self.cfg, self.log = cfg, log
         t = cfg.train
         self.device = resolve_device(t.device)
+        if self.dist.world_size > 1:
+            self.device = self._init_distributed(cfg)
         self.out_dir = Path(t.out_dir)
         # CPU has no fast bf16 matmuls worth the rounding, so the CPU path trains in fp32.
         self.amp_dtype = AUTOCAST_DTYPES.get(t.dtype) if self.device.type == "cuda" else None
@@ -111,10 +141,13 @@ class Trainer:
         log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "
             f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context")
 
+        if self.dist.main:  # rank 0 prepares a missing dataset and the run directory; the others wait
+            folder = ensure_prepared(cfg.data, log=log)
+            prepare_run_dir(self.out_dir)
+        self._barrier()
         folder = ensure_prepared(cfg.data, log=log)
         self.loader = TokenLoader(folder, cfg.model.vocab_size, cfg.model.block_size,
                                   t.micro_batch_size, t.seed, self.device)
-        prepare_run_dir(self.out_dir)
 
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device,
                                          triton_adamw=cfg.kernels.adamw and reason is None)
@@ -126,17 +159,48 @@ class Trainer:
         self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
         if t.resume:
             self._resume()
-        else:
+        elif self.dist.main:
             self._set_aside_previous_run()
         if t.init_from and self.step == 0:
             from gptfast import hf
 
             hf.load_hf_into(self.model, t.init_from)
             log(f"initialised from {t.init_from} (fresh optimizer, step 0)")
-        self._write_config()
-        self.train_model = torch.compile(self.model) if t.compile else self.model
+        if self.dist.main:
+            self._write_config()
+        self._barrier()
+        if self.dist.world_size > 1:
+            # each rank keeps its own dropout stream (the same on resume: the seed is per rank)
+            torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
+            ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_model = torch.compile(ddp) if t.compile else ddp
+            self.eval_model = self.model  # rank 0 evaluates alone: no DDP wrapper, no collectives
+        else:
+            self.train_model = torch.compile(self.model) if t.compile else self.model
+            self.eval_model = self.train_model
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+
+    def _init_distributed(self, cfg: Config) -> torch.device:
+        """Join the torchrun job: NCCL on CUDA (one GPU per rank), gloo on CPU; accumulation is split
+        across ranks so tokens per optimizer step stay as configured."""
+        world = self.dist.world_size
+        if cfg.train.grad_accum_steps % world:
+            raise ConfigError(f"train.grad_accum_steps = {cfg.train.grad_accum_steps} is not divisible by the "
+                              f"{world} processes: tokens per step could not stay as configured; use a multiple of {world}")
+        device = self.device
+        if device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.log(f"distributed: {world} processes ({dist.get_backend()}), "
+                 f"{cfg.train.grad_accum_steps // world} micro-batches each per optimizer step")
+        return device
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            dist.barrier()
 
     def _apply_memory_plan(self, cfg: Config) -> Config:
         """train.memory_budget: the fastest micro-batch and checkpointing policy predicted to fit,
@@ -191,6 +255,10 @@ class Trainer:
                 raise CheckpointError(f"no readable checkpoint in {self.out_dir}: {errors[0]}")
             return
         ckpt.check_same_model(state["config"]["model"], self.cfg.to_dict()["model"], state["path"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(f"{state['path']} was written by a run of {saved_world} processes; resume it with "
+                                  f"{saved_world} (this run has {self.dist.world_size})")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -203,7 +271,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         self.val_loss = state.get("val_loss")
-        self._truncate_metrics(self.step)
+        if self.dist.main:
+            self._truncate_metrics(self.step)
         self.log(f"resumed from {state['path']} at step {self.step}")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -215,6 +284,8 @@ class Trainer:
         ckpt.atomic_write_bytes(self.metrics_path, lambda f: f.write(kept))
 
     def _record(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -232,6 +303,7 @@ class Trainer:
             "step": self.step,
             "val_loss": self.val_loss,
             "rng": rng,
+            "world_size": self.dist.world_size,
             # The loader is a pure function of (seed, step): its whole state is these two numbers.
             "loader": {"seed": self.cfg.train.seed, "step": self.step},
         }
@@ -254,15 +326,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(t.grad_accum_steps):
-            x, y = self.loader.batch("train", self.step, micro_step)
-            with self.autocast():
-                loss = self.train_model(x, y) / t.grad_accum_steps
+        # Each rank takes its share of the step's micro-batches; the windows are those a single
+        # process would draw (the loader is a function of the global micro-step index).
+        local_steps = t.grad_accum_steps // self.dist.world_size
+        for i in range(local_steps):
+            x, y = self.loader.batch("train", self.step, self.dist.rank * local_steps + i)
+            # DDP averages gradients over ranks, so each rank divides by its own share
+            with self._no_sync(last=i == local_steps - 1), self.autocast():
+                loss = self.train_model(x, y) / local_steps
             loss_sum += loss.detach()
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            with self._no_sync(last=i == local_steps - 1):
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+        if self.dist.world_size > 1:  # the mean loss over ranks, and whether any rank was asked to stop
+            shared = torch.stack([loss_sum, torch.tensor(float(self.stop_requested), device=self.device)])
+            dist.all_reduce(shared)
+            loss_sum = shared[0] / self.dist.world_size
+            self.stop_requested = bool(shared[1] > 0)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         fused = isinstance(self.optimizer, FusedAdamW)
@@ -284,6 +366,14 @@ class Trainer:
         self.step += 1
         return loss_sum, grad_norm, applied
 
+    def _no_sync(self, last: bool):
+        """Skip DDP's gradient all-reduce on every micro-step but the step's last."""
+        model = self.train_model
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        if isinstance(model, DistributedDataParallel) and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
@@ -299,7 +389,7 @@ class Trainer:
         for i in range(self.cfg.train.eval_steps):
             x, y = self.loader.batch("val", step=i)
             with self.autocast():
-                total += self.train_model(x, y).item()
+                total += self.eval_model(x, y).item()
         self.model.train()
         return total / self.cfg.train.eval_steps
 
@@ -347,18 +437,19 @@ class Trainer:
                 }
                 self._record(record)
                 self.log(self._format(record))
-            if self.step % t.eval_interval == 0 or done:
+            if (self.step % t.eval_interval == 0 or done) and self.dist.main:
                 self.val_loss = self.evaluate()
                 self._record({"step": self.step, "val_loss": _finite_or_none(self.val_loss)})
                 self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
             saved_now = self.step % t.checkpoint_interval == 0 or done
-            if saved_now or self.stop_requested:
+            if (saved_now or self.stop_requested) and self.dist.main:
                 checkpoint = self.save()
                 self.log(f"step {self.step} | checkpoint {checkpoint}")
             if self.stop_requested and not done:
                 return TrainResult(self.step, train_loss, self.val_loss, "", stopped=True, checkpoint=checkpoint)
         text = ""
-        if t.sample_tokens:
+        self._barrier()
+        if t.sample_tokens and self.dist.main:
             text = self.sample(t.sample_tokens)
             self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
         return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint)
