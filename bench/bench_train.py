@@ -11,7 +11,6 @@ that much memory: a config that does not fit at its micro-batch is retried at ha
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from bench.common import Row, on_gpu, peak_flops, synchronize, time_calls
-from gptfast.config import load_config
+from gptfast.config import load_config, parse_bytes
 from gptfast.hardware import mfu
 from gptfast.trainer import Trainer
 
@@ -29,15 +28,6 @@ PROVIDERS = {
     "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true"],
     "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false"],
 }
-
-
-def parse_bytes(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text)
-    if not match:
-        raise ValueError(f"--emulate-vram: expected a size such as 12GiB, got {text!r}")
-    scale = {None: 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[match.group(2)]
-    return int(float(match.group(1)) * scale)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def test_train_step(benchmark, record, request, device, device_info, token_dir, 
     row = record(Row("train", f"{config} ({vram or 'full'} VRAM)", provider, seconds, extra={
         "tokens/s": f"{tokens_per_second:,.0f}",
         "MFU": f"{100 * utilisation:.1f}% ({source})" if utilisation is not None else f"n/a ({source})",
-        "peak GiB": None if peak_bytes is None else f"{peak_bytes / 2**30:.2f}",
+        "peak GiB": "n/a on CPU" if peak_bytes is None else f"{peak_bytes / 2**30:.2f}",
         "micro-batch": f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps}",
     }))
     benchmark.extra_info.update(tokens_per_second=tokens_per_second, mfu=utilisation, peak_bytes=peak_bytes,

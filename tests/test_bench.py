@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import common
-from bench.bench_train import parse_bytes
+from gptfast.config import parse_bytes
 from bench.common import DeviceInfo, Row, bandwidth_row, format_table, peak_flops, speedups, write_results
 
 
@@ -55,7 +55,7 @@ def test_cpu_figures_are_labelled():
     assert "Triton interpreter" in format_table([], cpu, None)
 
 
-@pytest.mark.parametrize("text, expected", [("12GiB", 12 * 2**30), ("8 GB", 8e9), ("512MiB", 2**29), ("1024", 1024)])
+@pytest.mark.parametrize("text, expected", [("12GiB", 12 * 2**30), ("8 GB", 8e9), ("512MiB", 2**29), ("1.5 TiB", 1.5 * 2**40)])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
@@ -63,3 +63,5 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects_garbage():
     with pytest.raises(ValueError, match="expected a size"):
         parse_bytes("twelve")
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("1024")  # a unit is required: bytes or GiB is not a guess worth making
