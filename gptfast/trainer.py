@@ -170,8 +170,12 @@ class Trainer:
             self._write_config()
         self._barrier()
         if self.dist.world_size > 1:
-            # each rank keeps its own dropout stream (the same on resume: the seed is per rank)
-            torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
+            if self.step == 0:  # each rank its own dropout stream; rank 0's is the one checkpoints keep
+                torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
+            elif self.dist.rank:
+                # Only rank 0's RNG state is checkpointed: with dropout > 0 the other ranks' masks
+                # after a resume differ from an uninterrupted run's (without dropout it is exact).
+                torch.manual_seed(t.seed + 1_000_003 * self.dist.rank + self.step)
             ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.train_model = torch.compile(ddp) if t.compile else ddp
             self.eval_model = self.model  # rank 0 evaluates alone: no DDP wrapper, no collectives
