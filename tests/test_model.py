@@ -120,12 +120,13 @@ def test_fused_kernels_match_the_pytorch_path(bias, switches):
     for cross_entropy the gradient reaches the tied embedding through both of its uses."""
     from gptfast.config import KernelsConfig
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run: CUDA, or the interpreter
     torch.manual_seed(6)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=101, bias=bias)
-    reference = GPT(cfg)
-    fused = GPT(cfg, KernelsConfig(**switches))
+    reference = GPT(cfg).to(device)
+    fused = GPT(cfg, KernelsConfig(**switches)).to(device)
     fused.load_state_dict(reference.state_dict())
-    x, y = torch.randint(0, 101, (2, 3, 16))
+    x, y = torch.randint(0, 101, (2, 3, 16), device=device)
     losses, grads = [], []
     for model in (reference, fused):
         loss = model(x, y)
