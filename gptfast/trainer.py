@@ -141,13 +141,15 @@ class Trainer:
         log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "
             f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context")
 
-        if self.dist.main:  # rank 0 prepares a missing dataset and the run directory; the others wait
-            folder = ensure_prepared(cfg.data, log=log)
-            prepare_run_dir(self.out_dir)
+        if self.dist.main:  # rank 0 prepares a missing dataset; the others wait for it
+            ensure_prepared(cfg.data, log=log)
         self._barrier()
         folder = ensure_prepared(cfg.data, log=log)
         self.loader = TokenLoader(folder, cfg.model.vocab_size, cfg.model.block_size,
                                   t.micro_batch_size, t.seed, self.device)
+        if self.dist.main:  # only once the data is known good: bad input leaves nothing behind
+            prepare_run_dir(self.out_dir)
+        self._barrier()
 
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device,
                                          triton_adamw=cfg.kernels.adamw and reason is None)
