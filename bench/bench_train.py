@@ -1,5 +1,6 @@
-"""Training throughput per config: gptfast (every Triton kernel on) vs the PyTorch path (torch
-LayerNorm, F.cross_entropy, torch's fused AdamW, flash SDPA; the nanoGPT recipe), both compiled.
+"""Training throughput per config: gptfast (every Triton kernel on, micro-batch and checkpointing
+planned into the GPU's memory) vs the PyTorch path at the config's micro-batch (torch LayerNorm,
+F.cross_entropy, torch's fused AdamW, flash SDPA; the nanoGPT recipe), both compiled.
 
 One timed call is one optimizer step of the trainer itself (Trainer.train_step: every micro-batch
 of the accumulation, clipping, the optimizer), on random tokens. Reports tokens/s, MFU against the
@@ -42,10 +43,14 @@ def token_dir(tmp_path_factory) -> Path:
     return folder.parent
 
 
-def build_trainer(config: str, provider: str, micro_batch: int | None, accum: int | None, data: Path, out: Path):
+def build_trainer(config: str, provider: str, micro_batch: int | None, accum: int | None, data: Path, out: Path,
+                  budget_bytes: int | None = None):
     overrides = PROVIDERS[provider] + [f"--data.data_dir={data}", "--data.dataset=random", f"--train.out_dir={out}",
                                       "--train.resume=false", "--train.sample_tokens=0"]
-    if micro_batch is not None:
+    if budget_bytes is not None and provider == "gptfast":
+        # gptfast plans its micro-batch and checkpointing into the memory it has
+        overrides.append(f"--train.memory_budget={budget_bytes / 2**30:.2f}GiB")
+    elif micro_batch is not None:
         overrides += [f"--train.micro_batch_size={micro_batch}", f"--train.grad_accum_steps={accum}"]
     if not on_gpu():  # the CPU case exercises the harness: eager, two small micro-batches per step
         overrides += ["--train.compile=false", "--train.micro_batch_size=2", "--train.grad_accum_steps=2",
@@ -57,9 +62,13 @@ def build_trainer(config: str, provider: str, micro_batch: int | None, accum: in
 @pytest.mark.parametrize("config", CONFIGS)
 def test_train_step(benchmark, record, request, device, device_info, token_dir, tmp_path, config, provider):
     vram = request.config.getoption("--emulate-vram")
-    if vram and device.type == "cuda":
+    budget = None
+    if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(vram) / total), device)
+        budget = min(total, parse_bytes(vram)) if vram else total
+        if vram:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        budget = int(budget * 0.92)  # the CUDA context and allocator reserve live outside the plan
     base = load_config(REPO / "configs" / f"{config}.toml")
     micro_batch, accum = base.train.micro_batch_size, base.train.grad_accum_steps
     while True:
@@ -67,7 +76,8 @@ def test_train_step(benchmark, record, request, device, device_info, token_dir, 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            trainer = build_trainer(config, provider, micro_batch, accum, token_dir, tmp_path)
+            trainer = build_trainer(config, provider, micro_batch, accum, token_dir, tmp_path,
+                                    budget if micro_batch == base.train.micro_batch_size else None)
             seconds = time_calls(benchmark, lambda i: trainer.train_step(), device, 1,
                                  target_round_s=0.0, rounds=3 if device.type == "cuda" else 2)
             synchronize(device)
