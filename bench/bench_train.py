@@ -78,7 +78,7 @@ def test_train_step(benchmark, record, request, device, device_info, token_dir, 
                 torch.cuda.reset_peak_memory_stats(device)
             trainer = build_trainer(config, provider, micro_batch, accum, token_dir, tmp_path,
                                     budget if micro_batch == base.train.micro_batch_size else None)
-            seconds = time_calls(benchmark, lambda i: trainer.train_step(), device, 1,
+            seconds = time_calls(benchmark, lambda i, trainer=trainer: trainer.train_step(), device, 1,
                                  target_round_s=0.0, rounds=3 if device.type == "cuda" else 2)
             synchronize(device)
             break

@@ -157,7 +157,7 @@ def _coerce(value, tp, where: str):
     elif typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
-            items = [_coerce(v, t, where) for v, t in zip(value, args)]
+            items = [_coerce(v, t, where) for v, t in zip(value, args, strict=True)]
             return tuple(items)
     else:  # pragma: no cover - a field type this loader does not know is a programming error
         raise TypeError(f"unsupported config type {tp}")

@@ -164,7 +164,7 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
         handles = {"train": train_file, "val": val_file}
         while batch := list(itertools.islice(documents, 64)):
             texts = [doc.text for doc in batch]
-            for doc, ids in zip(batch, enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)):
+            for doc, ids in zip(batch, enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True):
                 ids.append(eot)  # EOT closes every document, as GPT-2 was trained
                 arr = np.asarray(ids, dtype=np.int64)
                 max_id = max(max_id, int(arr.max()))

@@ -251,7 +251,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block, cache in zip(self.transformer.h, caches):
+        for block, cache in zip(self.transformer.h, caches, strict=True):
             x = block(x, cache, start)
         x = self.transformer.ln_f(x[:, -1:])  # (B, 1, C)
         return self.lm_head(x)[:, 0, : self.config.vocab_size]  # (B, V)

@@ -37,7 +37,7 @@ def assert_rel_close(a, b, what):
 
 
 def assert_same_training_state(ours_model, ours_opt, ref_model, ref_opt):
-    for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+    for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters(), strict=True):
         assert_rel_close(p, q, name)
         s, t = ours_opt.state[p], ref_opt.state[q]
         assert float(s["step"]) == float(t["step"])
@@ -94,7 +94,7 @@ def test_low_precision_gradients(grad_dtype):
     for step in range(20):
         ours.zero_grad()
         loss_of(ours_model, step).backward()
-        for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+        for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
             p.grad = p.grad.to(grad_dtype)
             q.grad = p.grad.float()
         torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
@@ -122,7 +122,7 @@ def test_state_dict_moves_between_the_two(first):
     moved = make[second](moved_model)
     moved.load_state_dict(state)
     train(moved_model, moved, 6, start=6)
-    for (name, p), q in zip(moved_model.named_parameters(), straight_model.parameters()):
+    for (name, p), q in zip(moved_model.named_parameters(), straight_model.parameters(), strict=True):
         assert_rel_close(p, q, name)
     assert set(moved.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
 

@@ -124,7 +124,7 @@ def test_deterministic_bits():
     for _ in range(2):
         loss = linear_cross_entropy(hidden, weight, targets, chunk_bytes=700 * 4 * 128)
         runs.append((loss,) + torch.autograd.grad(loss, (hidden, weight)))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -143,7 +143,7 @@ def test_linear_cross_entropy_fp32(n_rows, width, vocab, reduction):
     got_grads = torch.autograd.grad(ours, (hidden, weight), go)
     want_grads = torch.autograd.grad(want, (hidden, weight), go)
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5, msg=f"loss (seed {seed})")
-    for name, a, b in zip(("grad_hidden", "grad_weight"), got_grads, want_grads):
+    for name, a, b in zip(("grad_hidden", "grad_weight"), got_grads, want_grads, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{name} (seed {seed})")
 
@@ -166,7 +166,7 @@ def test_linear_cross_entropy_bf16(reduction):
     g_exact = torch.autograd.grad(exact, (h64, w64), go.double())
     assert g_ours[0].dtype == torch.bfloat16 and g_ours[1].dtype == torch.float32
     assert_close_by_rule(ours, same, exact, ATOL[torch.bfloat16], "loss")
-    for name, a, b, c in zip(("grad_hidden", "grad_weight"), g_ours, g_same, g_exact):
+    for name, a, b, c in zip(("grad_hidden", "grad_weight"), g_ours, g_same, g_exact, strict=True):
         assert_close_by_rule(a, b, c, ATOL[torch.bfloat16], name)
 
 
@@ -212,5 +212,5 @@ def test_compiles_without_graph_break():
     got = compiled(hidden, weight, targets)
     want = loss_fn(hidden, weight, targets)
     torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight)), strict=True):
         torch.testing.assert_close(a, b)

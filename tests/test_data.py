@@ -33,7 +33,7 @@ def split_documents(ids: list[int], eot: int) -> list[str]:
     enc = get_tokenizer()
     cut = [i for i, t in enumerate(ids) if t == eot]
     starts = [0] + [c + 1 for c in cut[:-1]]
-    return [enc.decode(ids[s:e]) for s, e in zip(starts, cut)]
+    return [enc.decode(ids[s:e]) for s, e in zip(starts, cut, strict=True)]
 
 
 def test_many_documents_split_whole_and_separated_by_eot(tmp_path):
@@ -76,7 +76,7 @@ def test_loader_windows_are_shifted_slices(data_dir):
     x, y = loader.batch("train", step=5, micro_step=1)
     assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
     torch.testing.assert_close(x[:, 1:], y[:, :-1])
-    for row_x, row_y in zip(x.numpy(), y.numpy()):
+    for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True):
         starts = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(tokens, 16).__eq__(row_x).all(1))
         assert len(starts) >= 1 and any(np.array_equal(tokens[s + 1:s + 17], row_y) for s in starts)
 

@@ -39,9 +39,9 @@ def test_two_processes_follow_the_single_process_trajectory(data_dir, tmp_path, 
     assert "distributed: 2 processes (gloo), 2 micro-batches each per optimizer step" in two.stdout
     single, double = records(tmp_path / "one", "loss"), records(tmp_path / "two", "loss")
     assert [s for s, _ in double] == [1, 2, 3, 4, 5, 6]  # one record per step: rank 0 alone writes
-    for (step, want), (_, got) in zip(single, double):
+    for (step, want), (_, got) in zip(single, double, strict=True):
         assert got == pytest.approx(want, rel=1e-5), step
-    for (step, want), (step2, got) in zip(records(tmp_path / "one", "val_loss"), records(tmp_path / "two", "val_loss")):
+    for (step, want), (step2, got) in zip(records(tmp_path / "one", "val_loss"), records(tmp_path / "two", "val_loss"), strict=True):
         assert step == step2 and got == pytest.approx(want, rel=1e-5)
     assert sorted(p.name for p in (tmp_path / "two").glob("ckpt_*.pt")) == ["ckpt_00000003.pt", "ckpt_00000006.pt"]
 
@@ -54,7 +54,7 @@ def test_resumed_two_process_run_continues_the_trajectory(data_dir, tmp_path):
     assert "resumed from" in resumed.stdout
     straight, resumed = records(tmp_path / "straight", "loss"), records(tmp_path / "resumed", "loss")
     assert [s for s, _ in resumed] == [s for s, _ in straight] == [1, 2, 3, 4, 5, 6]
-    for (step, want), (_, got) in zip(straight, resumed):
+    for (step, want), (_, got) in zip(straight, resumed, strict=True):
         assert got == pytest.approx(want, rel=1e-6), step
 
 

@@ -3,7 +3,6 @@ NaN-poisoned outputs, determinism, custom-op compile, and the model with the ker
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import add_layer_norm, layer_norm
 from kernels.layernorm import layer_norm_bwd, layer_norm_fwd
@@ -69,7 +68,7 @@ def test_matches_torch(shape, dtype, with_residual):
     same = run(torch_path, x, w, b, r, dy, ds)
     ref = run(torch_path, *map(as_float64, (x, w, b, r)), dy.double(), None if ds is None else ds.double())
     names = (["y", "s"] if with_residual else ["y"]) + ["dx"] + (["dresidual"] if with_residual else []) + ["dw", "db"]
-    for name, a, t, e in zip(names, got, same, ref):
+    for name, a, t, e in zip(names, got, same, ref, strict=True):
         assert a.dtype == t.dtype, name
         assert_close_by_rule(a, t, e, ATOL[dtype], f"{name} {shape} {dtype} (seed {seed})")
 
@@ -80,7 +79,7 @@ def test_no_bias(dtype):
     got = run(ours, x, w, None, r, dy, ds)
     same = run(torch_path, x, w, None, r, dy, ds)
     ref = run(torch_path, *map(as_float64, (x, w, None, r)), dy.double(), ds.double())
-    for name, a, t, e in zip(["y", "s", "dx", "dresidual", "dw"], got, same, ref):
+    for name, a, t, e in zip(["y", "s", "dx", "dresidual", "dw"], got, same, ref, strict=True):
         assert_close_by_rule(a, t, e, ATOL[dtype], name)
 
 
@@ -89,7 +88,7 @@ def test_fp16():
     got = run(ours, x, w, b, r, dy, ds)
     same = run(torch_path, x, w, b, r, dy, ds)
     ref = run(torch_path, *map(as_float64, (x, w, b, r)), dy.double(), ds.double())
-    for name, a, t, e in zip(["y", "s", "dx", "dresidual", "dw", "db"], got, same, ref):
+    for name, a, t, e in zip(["y", "s", "dx", "dresidual", "dw", "db"], got, same, ref, strict=True):
         assert_close_by_rule(a, t, e, ATOL[torch.float16], name)
 
 
@@ -128,7 +127,7 @@ def test_deterministic_bits():
     x, w, b, r, dy, ds = make_inputs((300, 768), torch.float32, torch.float32, True, True, seed=14)
     first = run(ours, x, w, b, r, dy, ds)
     second = run(ours, x, w, b, r, dy, ds)
-    for a, c in zip(first, second):
+    for a, c in zip(first, second, strict=True):
         assert torch.equal(a, c)
 
 
@@ -146,7 +145,7 @@ def test_non_contiguous_inputs():
     dy = torch.randn(3, 7, 768, generator=gen).to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
     got = torch.autograd.grad((y * dy).sum(), (x, w, b))
     want = torch.autograd.grad((y_ref * dy).sum(), (x, w, b))
-    for a, c in zip(got, want):
+    for a, c in zip(got, want, strict=True):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-5)
 
 
@@ -191,7 +190,7 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(out, block(x, r, w, b))
     got = torch.autograd.grad((out * dy).sum(), (x, r, w, b))
     want = torch.autograd.grad((block(x, r, w, b) * dy).sum(), (x, r, w, b))
-    for a, c in zip(got, want):
+    for a, c in zip(got, want, strict=True):
         torch.testing.assert_close(a, c)
 
 

@@ -52,7 +52,7 @@ def test_gradients_identical_across_policies(policy, every):
         loss = model(x, y)
         grads.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     assert torch.equal(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1]):
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
         assert torch.equal(a, b)
 
 
@@ -138,5 +138,5 @@ def test_checkpointing_under_torch_compile(policy):
     got = compiled(x, y)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, list(eager.parameters())),
-                    torch.autograd.grad(want, list(eager.parameters()))):
+                    torch.autograd.grad(want, list(eager.parameters())), strict=True):
         torch.testing.assert_close(a, b)

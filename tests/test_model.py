@@ -134,5 +134,5 @@ def test_fused_kernels_match_the_pytorch_path(bias, switches):
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
     names = [name for name, _ in reference.named_parameters()]
-    for name, got, want in zip(names, grads[1], grads[0]):
+    for name, got, want in zip(names, grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=name)

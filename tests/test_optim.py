@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -34,4 +35,4 @@ def test_lr_schedule_without_warmup_is_monotone():
     cfg = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, lr_decay_steps=50)
     rates = [lr_at(s, cfg) for s in range(60)]
     assert rates[0] == 1e-3 and rates[50] == 0.0
-    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))

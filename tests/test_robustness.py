@@ -110,7 +110,7 @@ def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
         params, state = snapshot()
         out = real_step()
         if not out[2]:
-            for a, b in zip(params, trainer.model.parameters()):
+            for a, b in zip(params, trainer.model.parameters(), strict=True):
                 assert torch.equal(a, b)  # a skipped step changes no parameter...
             assert copy_state(trainer.optimizer) == state  # ...and no optimizer state
             before[trainer.step] = True

@@ -57,7 +57,7 @@ def test_interrupted_run_resumes_bit_exact(tiny_config, tmp_path, dropout):
     for key in ("loss", "grad_norm"):
         assert records(tmp_path / "resumed", key) == records(tmp_path / "straight", key)
     assert records(tmp_path / "resumed", "val_loss") == records(tmp_path / "straight", "val_loss")
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -196,5 +196,5 @@ def test_golden_trajectory_with_fused_kernels(tiny_config, tmp_path):
     # gradient is itself off by ~3e-6 (FusedAdamW's is within 1e-7 of fp64, see test_adamw), and
     # the clip coefficient carries that difference into the next steps.
     for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
-        for (step, want), (_, got) in zip(records(tmp_path / "off", key), records(tmp_path / "on", key)):
+        for (step, want), (_, got) in zip(records(tmp_path / "off", key), records(tmp_path / "on", key), strict=True):
             assert got == pytest.approx(want, rel=rel, abs=1e-6), (key, step)
