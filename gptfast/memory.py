@@ -136,6 +136,14 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
     raise ValueError(f"unknown policy {policy!r}")
 
 
+def padded_param_count(m: ModelConfig) -> int:
+    """Parameters as allocated (the vocabulary padded), counted on the meta device: no memory."""
+    from gptfast.model import GPT
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(m).parameters())
+
+
 @dataclass
 class Prediction:
     micro_batch_size: int
@@ -148,17 +156,15 @@ class Prediction:
 
 
 def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1,
-                 act_bytes: int = 2, fused_ce: bool | None = None, fused_adamw: bool | None = None) -> Prediction:
+                 act_bytes: int = 2, fused_ce: bool | None = None, fused_adamw: bool | None = None,
+                 n_params: int | None = None) -> Prediction:
     """Predicted torch.cuda.max_memory_allocated for training `cfg` at this micro-batch and
     checkpointing policy (every k-th block checkpointed; the rest keep everything)."""
     m = cfg.model
     fused_ce = cfg.kernels.cross_entropy if fused_ce is None else fused_ce
     fused_adamw = cfg.kernels.adamw if fused_adamw is None else fused_adamw
     tokens = micro_batch_size * m.block_size
-    with torch.device("meta"):
-        from gptfast.model import GPT
-
-        n_params = sum(p.numel() for p in GPT(m).parameters())  # with the padded vocabulary
+    n_params = n_params or padded_param_count(m)
     checkpointed = 0 if policy == "none" else len(range(0, m.n_layer, every))
     per_token = (checkpointed * activation_bytes_per_token(m, policy, act_bytes, cfg.kernels.layernorm)
                  + (m.n_layer - checkpointed) * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
@@ -204,7 +210,8 @@ def candidates(cfg: Config, act_bytes: int = 2) -> list[Prediction]:
     total_sequences = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     sizes = [b for b in range(1, min(total_sequences, MAX_MICRO_BATCH) + 1)
              if total_sequences % b == 0 and b & (b - 1) == 0] or [1]
-    return [predict_peak(cfg, b, policy, act_bytes=act_bytes) for b in sizes for policy in POLICIES]
+    n_params = padded_param_count(cfg.model)  # once, not per candidate
+    return [predict_peak(cfg, b, policy, act_bytes=act_bytes, n_params=n_params) for b in sizes for policy in POLICIES]
 
 
 def fits(candidate: Prediction, budget_bytes: int) -> bool:

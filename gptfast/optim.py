@@ -76,8 +76,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.device = devices.pop()
         self.max_grad_norm = max_grad_norm
         self.grad_norm: torch.Tensor | None = None
-        self._norm_ready = False  # compute_grad_norm() ran for the gradients the next step uses
-        self._tables: dict = {}  # (grad dtype, tensor sizes) -> BlockTable; sizes never change
+        self._prepared: list | None = None  # compute_grad_norm()'s launches, for the step that follows
+        self._tables: dict = {}  # (grad dtype, sizes, groups) -> (BlockTable, device group indices)
 
     def _hyper_table(self) -> torch.Tensor:
         from kernels.adamw import _to_device
@@ -112,12 +112,13 @@ class FusedAdamW(torch.optim.Optimizer):
         launches = []
         for dtype, entries in by_dtype.items():
             params = [p for p, _ in entries]
-            key = (dtype, tuple(p.numel() for p in params))
-            if key not in self._tables:
-                self._tables[key] = BlockTable.build(list(key[1]), self.device)
+            key = (dtype, tuple(p.numel() for p in params), tuple(i for _, i in entries))
+            if key not in self._tables:  # built once per set of tensors: sizes and groups never change
+                groups = torch.tensor(key[2], dtype=torch.int32).to(self.device, non_blocking=True)
+                self._tables[key] = (BlockTable.build(list(key[1]), self.device), groups)
+            table, groups = self._tables[key]
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            launches.append((params, grads, [self._state_for(p) for p in params], [i for _, i in entries],
-                             self._tables[key]))
+            launches.append((params, grads, [self._state_for(p) for p in params], groups, table))
         return launches
 
     @torch.no_grad()
@@ -132,12 +133,12 @@ class FusedAdamW(torch.optim.Optimizer):
         else:
             squares = [grad_sq_norm_partials(grads, table) for _, grads, _, _, table in launches]
             self.grad_norm = torch.cat(squares).sum().sqrt()
-        self._norm_ready = True
+        self._prepared = launches  # step() reuses the grouping and the norm
         return self.grad_norm
 
     def discard_grad_norm(self) -> None:
         """Forget the norm of gradients that will not be stepped on (the trainer skipped them)."""
-        self._norm_ready = False
+        self._prepared = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -147,16 +148,14 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not getattr(self, "_norm_ready", False):
+        if self._prepared is None:
             self.compute_grad_norm()
-        self._norm_ready = False
-        launches = self._launches()
+        launches, self._prepared = self._prepared, None
         if not launches:
             return loss
         torch._foreach_add_([s["step"] for *_, states, _, _ in launches for s in states], 1.0)
         hyper = self._hyper_table()
-        for params, grads, states, group_index, table in launches:
-            groups = torch.tensor(group_index, dtype=torch.int32).to(self.device, non_blocking=True)
+        for params, grads, states, groups, table in launches:
             adamw_update(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                          [s["step"] for s in states], groups, hyper, table, self.grad_norm, self.max_grad_norm)
         return loss
