@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Row, bandwidth_row, on_gpu, rotating, synchronize, time_calls
+from gptfast.model import LOSS_CHUNK_BYTES
 from kernels import cross_entropy, linear_cross_entropy
 
 VOCAB = 50257
@@ -30,7 +31,7 @@ def torch_linear_cross_entropy(hidden, weight, targets):
 
 
 def gptfast_linear_cross_entropy(hidden, weight, targets):
-    return linear_cross_entropy(hidden, weight, targets, compute_dtype=torch.bfloat16)
+    return linear_cross_entropy(hidden, weight, targets, compute_dtype=torch.bfloat16, chunk_bytes=LOSS_CHUNK_BYTES)
 
 
 def provider_fn(provider, ours, theirs):

@@ -1,4 +1,4 @@
-"""Training throughput per config: gptfast (every Triton kernel on, micro-batch and checkpointing
+"""Training throughput per config: gptfast (every Triton kernel on, micro-batch and recomputation
 planned into the GPU's memory) vs the PyTorch path at the config's micro-batch (torch LayerNorm,
 F.cross_entropy, torch's fused AdamW, flash SDPA; the nanoGPT recipe), both compiled.
 
@@ -48,7 +48,7 @@ def build_trainer(config: str, provider: str, micro_batch: int | None, accum: in
     overrides = PROVIDERS[provider] + [f"--data.data_dir={data}", "--data.dataset=random", f"--train.out_dir={out}",
                                       "--train.resume=false", "--train.sample_tokens=0"]
     if budget_bytes is not None and provider == "gptfast":
-        # gptfast plans its micro-batch and checkpointing into the memory it has
+        # gptfast plans its micro-batch and recomputation into the memory it has
         overrides.append(f"--train.memory_budget={budget_bytes / 2**30:.2f}GiB")
     elif micro_batch is not None:
         overrides += [f"--train.micro_batch_size={micro_batch}", f"--train.grad_accum_steps={accum}"]

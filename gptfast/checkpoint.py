@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, found by step, checked against the model they are loaded into.
+"""Checkpoints: written atomically, found by step, marked healthy or not, checked when loaded.
 
 A checkpoint is `out_dir/ckpt_<step>.pt`, a dict of plain tensors and Python values (model and
 optimizer state, the resolved config, the step count, RNG states) that `torch.load` reads, and
@@ -7,6 +7,12 @@ in the same folder and fsynced; the checksum is renamed into place first, the ch
 a crash at any moment leaves either the old set of checkpoints or the new one, never a torn file.
 Loading verifies the checksum: a file damaged later (a bad disk, a partial copy) is reported
 rather than loaded.
+
+A checkpoint written while the run was unhealthy (a loss spike, a parameter-norm blow-up, a
+non-finite step: see `gptfast.health`) has a marker file `ckpt_<step>.pt.unhealthy` beside it,
+created before the checkpoint appears; a checkpoint later found to hold the weights that caused a
+loss spike is marked afterwards. Rotation never deletes the newest healthy checkpoint, and a
+resume starts from it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from gptfast.errors import CheckpointError, RunDirError
+from gptfast.files import atomic_write, fsync_dir, tmp_path
 
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
 
@@ -27,66 +35,77 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:08d}.pt"
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def unhealthy_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".unhealthy")
+
+
+def is_healthy(path: Path) -> bool:
+    return not unhealthy_marker(path).exists()
+
+
+def list_checkpoints(out_dir: str | Path, healthy_only: bool = False) -> list[Path]:
     """Finished checkpoints in `out_dir`, oldest first (temporary files are not listed)."""
     folder = Path(out_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.fullmatch(p.name)))
+    return [p for _, p in found if not healthy_only or is_healthy(p)]
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = list_checkpoints(out_dir)
+def latest_checkpoint(out_dir: str | Path, healthy_only: bool = False) -> Path | None:
+    found = list_checkpoints(out_dir, healthy_only)
     return found[-1] if found else None
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def checkpoint_step(path: Path) -> int:
+    return int(CKPT_PATTERN.fullmatch(path.name).group(1))
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file)` on a temporary sibling of `path`, fsync it, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def run_files(out_dir: str | Path, after_step: int = -1) -> list[Path]:
+    """The checkpoints of steps after `after_step` with their sidecar files (checksum, marker)."""
+    files = []
+    for path in list_checkpoints(out_dir):
+        if checkpoint_step(path) > after_step:
+            files += [p for p in (path, checksum_path(path), unhealthy_marker(path)) if p.exists()]
+    return files
+
+
+def mark_unhealthy(path: Path) -> None:
+    marker = unhealthy_marker(path)
+    if path.exists() and not marker.exists():
+        atomic_write(marker, lambda f: f.write(b"written with weights that later gave a loss spike\n"))
 
 
 class _HashingWriter:
-    """A file wrapper that hashes what passes through it, so the checksum costs no second read."""
+    """A file wrapper that hashes what passes through it, so the checksum costs no second read.
+    It keeps the OSError of a failed write: torch.save wraps it in a RuntimeError of its own."""
 
     def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
+        self.f, self.sha, self.error = f, hashlib.sha256(), None
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
-    """Write `state` as the checkpoint of `step` (with its checksum), then delete all but the
-    newest `keep`."""
+def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int, healthy: bool = True) -> Path:
+    """Write `state` as the checkpoint of `step` (with its checksum, and its marker when not
+    healthy), then delete all but the newest `keep` and the newest healthy one. A write error
+    (full disk, read-only, quota) is a RunDirError; the checkpoints already there are untouched."""
     path = checkpoint_path(out_dir, step)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
+    writer = None
     try:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f)
@@ -94,19 +113,38 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> P
             f.flush()
             os.fsync(f.fileno())
         digest = writer.sha.hexdigest().encode()
-        atomic_write_bytes(checksum_path(path), lambda f: f.write(digest + b"\n"))
-        os.replace(tmp, path)  # last: the checkpoint exists only once its checksum does
-        _fsync_dir(path.parent)
-    except OSError as e:
+        atomic_write(checksum_path(path), lambda f: f.write(digest + b"\n"))
+        if not healthy:  # before the checkpoint appears, so it is never taken for a healthy one
+            atomic_write(unhealthy_marker(path), lambda f: f.write(b"written while the run was unhealthy\n"))
+        os.replace(tmp, path)  # the checkpoint exists only once its checksum does
+        fsync_dir(path.parent)
+        if healthy:  # after: a crash in between leaves a healthy checkpoint marked, never the reverse
+            unhealthy_marker(path).unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        raise RunDirError(f"cannot write checkpoint {path}: {e}; the previous checkpoints are intact") from None
+        cause = e if isinstance(e, OSError) else (writer.error if writer is not None else None)
+        if cause is None:  # a RuntimeError that is not a failed write is a bug: keep its traceback
+            raise
+        newest = latest_checkpoint(out_dir, healthy_only=True)
+        intact = f"the newest healthy checkpoint {newest} is intact" if newest else "no earlier checkpoint exists"
+        raise RunDirError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {intact}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    for old in list_checkpoints(out_dir)[:-keep]:
+    rotate(out_dir, keep)
+    return path
+
+
+def rotate(out_dir: str | Path, keep: int) -> None:
+    """Delete all checkpoints but the newest `keep` and the newest healthy one."""
+    found = list_checkpoints(out_dir)
+    newest_healthy = latest_checkpoint(out_dir, healthy_only=True)
+    for old in found[:-keep]:
+        if old == newest_healthy:
+            continue
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
-    return path
+        unhealthy_marker(old).unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -117,20 +155,25 @@ def file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU; an unreadable file is a CheckpointError, not a traceback."""
+def load_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Read a checkpoint onto the CPU; an unreadable file is a CheckpointError, not a traceback.
+    A directory loads its newest healthy checkpoint. A missing checksum file is a warning: the
+    file is loaded, and its checksum computed and written so later loads verify it."""
     path = Path(path)
     if path.is_dir():
-        found = latest_checkpoint(path)
+        found = latest_checkpoint(path, healthy_only=True)
         if found is None:
-            raise CheckpointError(f"{path} holds no checkpoint (ckpt_<step>.pt)")
+            newest = latest_checkpoint(path)
+            raise CheckpointError(f"{path} holds no checkpoint (ckpt_<step>.pt)" if newest is None else
+                                  f"{path} holds no healthy checkpoint (the newest, {newest.name}, is marked "
+                                  "unhealthy); name a checkpoint file to use it anyway")
         path = found
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     sidecar = checksum_path(path)
+    digest = file_sha256(path)
     if sidecar.exists():
-        expected = sidecar.read_text().strip()
-        if file_sha256(path) != expected:
+        if digest != sidecar.read_text().strip():
             raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -141,6 +184,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not a gptfast checkpoint (missing model, config or step)")
+    if not sidecar.exists():
+        log(f"warning: {path} has no {sidecar.name}, so it could not be verified; it loaded, and its "
+            "checksum is now written beside it")
+        try:
+            atomic_write(sidecar, lambda f: f.write(digest.encode() + b"\n"))
+        except OSError as e:
+            log(f"warning: could not write {sidecar}: {e.strerror or e}")
     state["path"] = str(path)
     return state
 

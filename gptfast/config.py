@@ -23,7 +23,11 @@ from gptfast.errors import ConfigError
 VOCAB_PAD_MULTIPLE = 64
 
 DTYPES = ("bfloat16", "float16", "float32")
-CHECKPOINT_POLICIES = ("none", "selective", "full")
+# Activation recomputation ([recompute]): none keeps every activation for backward, selective
+# recomputes a block's cheap elementwise ops, full recomputes the whole block.
+RECOMPUTE_POLICIES = ("none", "selective", "full")
+# Sections that were renamed: an old name is an error that names the new one.
+RENAMED_SECTIONS = {"checkpointing": "recompute"}
 
 
 def _field(default, doc: str):
@@ -81,9 +85,16 @@ class TrainConfig:
     log_interval: int = _field(10, "print and record metrics every this many steps")
     checkpoint_interval: int = _field(500, "write a checkpoint every this many steps")
     keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep on disk")
-    max_bad_steps: int = _field(10, "stop after this many optimizer steps in a row with a NaN/Inf loss or gradient norm")
+    max_bad_steps: int = _field(10, "stop after this many unhealthy optimizer steps in a row (NaN/Inf loss or "
+                                    "gradient norm, loss spike, parameter-norm blow-up)")
+    loss_spike_factor: float = _field(3.0, "a step whose loss exceeds this many times the mean of the recent "
+                                           "healthy losses is skipped as unhealthy; 0 disables the check")
+    max_param_growth: float = _field(1.5, "an update that multiplies the global parameter norm by more than "
+                                          "this marks the run unhealthy; 0 disables the check")
     out_dir: str = _field("out", "run directory: checkpoints, metrics.jsonl, config.toml")
-    resume: bool = _field(True, "continue from the newest checkpoint in out_dir if there is one")
+    resume: bool = _field(True, "continue from the newest healthy checkpoint in out_dir if there is one")
+    allow_config_change: bool = _field(False, "on resume, accept changes to settings that change the "
+                                              "trajectory (seed, data, batch, dropout); they are logged")
     seed: int = _field(1337, "seed for initialisation, data order and dropout")
     dtype: str = _field("bfloat16", "autocast dtype on CUDA: bfloat16, float16 or float32")
     compile: bool = _field(False, "torch.compile the model")
@@ -91,7 +102,7 @@ class TrainConfig:
     sample_tokens: int = _field(64, "tokens sampled at the end of the run; 0 for none")
     init_from: str = _field("", "a Hugging Face GPT-2 directory to start from; its config.json sets the "
                                 "architecture ([model] keeps only dropout)")
-    memory_budget: str = _field("", "plan micro-batch and checkpointing into this much GPU memory, e.g. "
+    memory_budget: str = _field("", "plan micro-batch and activation recomputation into this much GPU memory, e.g. "
                                     "\"12GiB\"; empty: train as configured")
 
 
@@ -103,9 +114,10 @@ class KernelsConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    policy: str = _field("none", "activation checkpointing: none, selective (recompute only cheap ops) or full")
-    every: int = _field(1, "checkpoint every k-th block (1: all of them)")
+class RecomputeConfig:
+    policy: str = _field("none", "activation recomputation in backward: none, selective (recompute only "
+                                 "cheap ops) or full (the whole block)")
+    every: int = _field(1, "recompute every k-th block (1: all of them)")
 
 
 @dataclass
@@ -115,7 +127,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
     @property
     def tokens_per_step(self) -> int:
@@ -185,6 +197,9 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     """Build and validate a Config from a nested dict (a parsed TOML document)."""
     sections = {}
     for name, values in raw.items():
+        if name in RENAMED_SECTIONS:
+            new = RENAMED_SECTIONS[name]
+            raise ConfigError(f"{source}: [{name}]: this section is now [{new}] (same keys); rename it")
         if name not in SECTIONS:
             raise ConfigError(f"{source}: [{name}]: unknown section{_suggest(name, SECTIONS)}")
         if not isinstance(values, dict):
@@ -202,6 +217,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: {key}: {why}")
 
     m, o, t = cfg.model, cfg.optim, cfg.train
+    for section in dataclasses.fields(cfg):  # NaN passes every comparison below, so it is caught here
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                fail(f"{section.name}.{key}", f"must be a finite number, got {value!r}")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         if getattr(m, key) <= 0:
             fail(f"model.{key}", f"must be positive, got {getattr(m, key)}")
@@ -233,6 +253,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"):
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if not 0 <= t.seed < 2**63:
+        fail("train.seed", f"must be in [0, 2**63), got {t.seed}")
+    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
+        fail("train.loss_spike_factor", f"must be > 1, or 0 to disable the check, got {t.loss_spike_factor}")
+    if t.max_param_growth != 0 and t.max_param_growth <= 1:
+        fail("train.max_param_growth", f"must be > 1, or 0 to disable the check, got {t.max_param_growth}")
     if t.sample_tokens < 0:
         fail("train.sample_tokens", f"must be >= 0, got {t.sample_tokens}")
     if t.dtype not in DTYPES:
@@ -247,10 +273,35 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             parse_bytes(t.memory_budget)
         except ValueError as e:
             fail("train.memory_budget", str(e))
-    if cfg.checkpointing.policy not in CHECKPOINT_POLICIES:
-        fail("checkpointing.policy", f"expected one of {', '.join(CHECKPOINT_POLICIES)}, got {cfg.checkpointing.policy!r}")
-    if cfg.checkpointing.every <= 0:
-        fail("checkpointing.every", f"must be positive, got {cfg.checkpointing.every}")
+    if cfg.recompute.policy not in RECOMPUTE_POLICIES:
+        fail("recompute.policy", f"expected one of {', '.join(RECOMPUTE_POLICIES)}, got {cfg.recompute.policy!r}")
+    if cfg.recompute.every <= 0:
+        fail("recompute.every", f"must be positive, got {cfg.recompute.every}")
+
+
+# On resume, a change to one of these changes the training trajectory (the data windows, the batch,
+# the dropout masks), so it is refused unless train.allow_config_change is set; the architecture is
+# checked separately (a checkpoint of another model cannot load at all). Any other change is logged.
+TRAJECTORY_KEYS = ("train.seed", "train.micro_batch_size", "train.grad_accum_steps", "data.dataset",
+                   "model.dropout")
+# Settings that say how to start this process, not what the run is: never reported as changes.
+START_KEYS = ("train.resume", "train.allow_config_change")
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(trajectory changes, other changes) between a checkpoint's config dict and this run's, each
+    as "section.key: old -> new"."""
+    trajectory, other = [], []
+    for section, values in current.items():
+        for key, new in values.items():
+            name = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, new)
+            if isinstance(old, list):
+                old = tuple(old)
+            if old == (tuple(new) if isinstance(new, list) else new) or name in START_KEYS:
+                continue
+            (trajectory if name in TRAJECTORY_KEYS else other).append(f"{name}: {old!r} -> {new!r}")
+    return trajectory, other
 
 
 def parse_bytes(text: str) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gptfast.config import DataConfig
+from gptfast.files import atomic_write
 from gptfast.errors import DataError
 
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits: half the bytes of int32
@@ -120,15 +121,6 @@ class _Progress:
             self.last, self.shown = now, documents
 
 
-def _write_atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def file_documents(files: list[str]) -> Iterator[Document]:
     for path in files:
         yield Document(path, _read_text(path))
@@ -193,7 +185,8 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
     meta = {"name": name, "recipe": recipe, "tokenizer": "gpt2", "vocab_size": enc.n_vocab,
             "eot_token": eot, "dtype": "uint16", "max_token_id": max_id, "documents": n_docs,
             "train_tokens": counts["train"], "val_tokens": counts["val"]}
-    _write_atomic_json(out / "meta.json", meta)
+    text = json.dumps(meta, indent=2).encode()
+    atomic_write(out / "meta.json", lambda f: f.write(text))
     log(f"dataset '{name}': {counts['train']:,} train tokens, {counts['val']:,} val tokens")
     return out
 

@@ -1,7 +1,7 @@
 """Training memory: measure what autograd saves, predict the peak, and plan a config into a budget.
 
 The prediction mirrors what the model keeps (see `activation_bytes_per_token`): per token and
-block, the tensors autograd saves for backward under each checkpointing policy, counted from the
+block, the tensors autograd saves for backward under each recompute policy, counted from the
 ops of Block.forward; plus weights, gradients and AdamW moments, autocast's bf16 weight copies,
 the loss path (the unfused path holds fp32 log-probabilities of the whole vocabulary; the fused
 kernel holds one chunk), and one block's worth of transient gradients during backward.
@@ -20,14 +20,13 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptfast.config import CheckpointConfig, Config, ModelConfig, parse_bytes
+from gptfast.config import RECOMPUTE_POLICIES, Config, ModelConfig, RecomputeConfig, parse_bytes
 from gptfast.errors import ConfigError
+from gptfast.model import GPT, LOSS_CHUNK_BYTES
 
-POLICIES = ("none", "selective", "full")
 # Relative cost of a training step under each policy (forward = 1/3 of forward + backward):
-# "full" recomputes every checkpointed block's forward; "selective" only its cheap elementwise ops.
+# "full" recomputes every recomputed block's forward; "selective" only its cheap elementwise ops.
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.05, "full": 1 / 3}
-FUSED_CE_CHUNK_BYTES = 256 * 2**20  # kernels.cross_entropy.CHUNK_BYTES, the default chunk budget
 # A plan fits when its predicted peak of allocated bytes, plus this share for the caching
 # allocator's fragmentation (reserved beyond allocated), is within the budget.
 ALLOCATOR_SLACK = 0.05
@@ -138,8 +137,6 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
 
 def padded_param_count(m: ModelConfig) -> int:
     """Parameters as allocated (the vocabulary padded), counted on the meta device: no memory."""
-    from gptfast.model import GPT
-
     with torch.device("meta"):
         return sum(p.numel() for p in GPT(m).parameters())
 
@@ -159,15 +156,15 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
                  act_bytes: int = 2, fused_ce: bool | None = None, fused_adamw: bool | None = None,
                  n_params: int | None = None) -> Prediction:
     """Predicted torch.cuda.max_memory_allocated for training `cfg` at this micro-batch and
-    checkpointing policy (every k-th block checkpointed; the rest keep everything)."""
+    recompute policy (every k-th block recomputed; the rest keep everything)."""
     m = cfg.model
     fused_ce = cfg.kernels.cross_entropy if fused_ce is None else fused_ce
     fused_adamw = cfg.kernels.adamw if fused_adamw is None else fused_adamw
     tokens = micro_batch_size * m.block_size
     n_params = n_params or padded_param_count(m)
-    checkpointed = 0 if policy == "none" else len(range(0, m.n_layer, every))
-    per_token = (checkpointed * activation_bytes_per_token(m, policy, act_bytes, cfg.kernels.layernorm)
-                 + (m.n_layer - checkpointed) * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
+    recomputed = 0 if policy == "none" else len(range(0, m.n_layer, every))
+    per_token = (recomputed * activation_bytes_per_token(m, policy, act_bytes, cfg.kernels.layernorm)
+                 + (m.n_layer - recomputed) * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
     vocab = m.vocab_size
     parts = {
         "weights + grads": 8 * n_params,
@@ -179,14 +176,14 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     }
     if fused_ce:
         # one chunk of logits (in place, also its gradient), grad_hidden, fp32 grad_weight
-        chunk = min(tokens * vocab * act_bytes, FUSED_CE_CHUNK_BYTES)
+        chunk = min(tokens * vocab * act_bytes, LOSS_CHUNK_BYTES)
         parts["loss"] = chunk + tokens * m.n_embd * act_bytes + vocab * m.n_embd * 4
     else:
         # logits (padded, activation dtype) and their fp32 copy, fp32 log-probabilities saved for
         # backward, and in backward their fp32 gradient: ~ (2a + 12) bytes per token and class
         parts["loss"] = tokens * m.padded_vocab_size * (act_bytes * 2 + 12)
     # Backward of one block: gradients of its saved activations, plus a recomputed block's
-    # activations when it is checkpointed.
+    # activations when it is recomputed.
     parts["backward transient"] = int(tokens * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
     if not fused_adamw:
         parts["optimizer transient"] = 4 * max(p for p in (m.padded_vocab_size * m.n_embd, 4 * m.n_embd ** 2))
@@ -194,7 +191,7 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     # Expected speed: recompute cost, and efficiency growing with the tokens per micro-batch as
     # fixed per-micro-step costs (launches, Python, small-matmul tails) are amortised; half speed at
     # 1024 tokens is a heuristic, not yet calibrated on a GPU.
-    recompute = RECOMPUTE_COST[policy] * checkpointed / m.n_layer
+    recompute = RECOMPUTE_COST[policy] * recomputed / m.n_layer
     efficiency = 1.0 / (1.0 + 1024.0 / tokens)
     speed = efficiency / (1.0 + recompute)
     accum = cfg.tokens_per_step // tokens
@@ -211,7 +208,7 @@ def candidates(cfg: Config, act_bytes: int = 2) -> list[Prediction]:
     sizes = [b for b in range(1, min(total_sequences, MAX_MICRO_BATCH) + 1)
              if total_sequences % b == 0 and b & (b - 1) == 0] or [1]
     n_params = padded_param_count(cfg.model)  # once, not per candidate
-    return [predict_peak(cfg, b, policy, act_bytes=act_bytes, n_params=n_params) for b in sizes for policy in POLICIES]
+    return [predict_peak(cfg, b, policy, act_bytes=act_bytes, n_params=n_params) for b in sizes for policy in RECOMPUTE_POLICIES]
 
 
 def fits(candidate: Prediction, budget_bytes: int) -> bool:
@@ -234,30 +231,30 @@ def plan(cfg: Config, budget_bytes: int, act_bytes: int = 2) -> Plan:
     if not fitting:
         smallest = min(considered, key=lambda c: c.peak_bytes)
         raise ConfigError(
-            f"memory budget {format_bytes(budget_bytes)}: no micro-batch and checkpointing policy fits this model; "
-            f"the smallest plan (micro-batch {smallest.micro_batch_size}, checkpointing {smallest.policy}) needs "
+            f"memory budget {format_bytes(budget_bytes)}: no micro-batch and recompute policy fits this model; "
+            f"the smallest plan (micro-batch {smallest.micro_batch_size}, recompute {smallest.policy}) needs "
             f"{format_bytes(smallest.peak_bytes * (1 + ALLOCATOR_SLACK))}")
     best = max(fitting, key=lambda c: (c.relative_speed, c.micro_batch_size))
     return Plan(best, considered, budget_bytes)
 
 
 def apply_plan(cfg: Config, chosen: Prediction) -> Config:
-    """`cfg` with the plan's micro-batch, accumulation and checkpointing."""
+    """`cfg` with the plan's micro-batch, accumulation and recomputation."""
     return replace(cfg,
                    train=replace(cfg.train, micro_batch_size=chosen.micro_batch_size,
                                  grad_accum_steps=chosen.grad_accum_steps),
-                   checkpointing=CheckpointConfig(policy=chosen.policy, every=chosen.every))
+                   recompute=RecomputeConfig(policy=chosen.policy, every=chosen.every))
 
 
 def format_plan(p: Plan, log: Callable[[str], None] = print) -> None:
     fastest = max(c.relative_speed for c in p.considered)
     log(f"memory plan for a budget of {format_bytes(p.budget_bytes)} (a plan fits when its predicted peak "
         f"+ {ALLOCATOR_SLACK:.0%} allocator slack does):")
-    log(f"  {'micro-batch':>11} {'accum':>6} {'checkpointing':>13} {'predicted peak':>15} {'speed':>6}  fits")
-    for c in sorted(p.considered, key=lambda c: (c.micro_batch_size, POLICIES.index(c.policy))):
+    log(f"  {'micro-batch':>11} {'accum':>6} {'recompute':>13} {'predicted peak':>15} {'speed':>6}  fits")
+    for c in sorted(p.considered, key=lambda c: (c.micro_batch_size, RECOMPUTE_POLICIES.index(c.policy))):
         mark = "  <- chosen" if c is p.choice else ""
         log(f"  {c.micro_batch_size:>11} {c.grad_accum_steps:>6} {c.policy:>13} {format_bytes(c.peak_bytes):>15} "
             f"{c.relative_speed / fastest:>6.2f}  {'yes' if fits(c, p.budget_bytes) else 'no'}{mark}")
     parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.choice.parts.items())
     log(f"chosen: micro-batch {p.choice.micro_batch_size} x {p.choice.grad_accum_steps} accumulation, "
-        f"checkpointing {p.choice.policy}; predicted peak {format_bytes(p.choice.peak_bytes)} ({parts})")
+        f"recompute {p.choice.policy}; predicted peak {format_bytes(p.choice.peak_bytes)} ({parts})")

@@ -15,16 +15,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from gptfast.config import CheckpointConfig, KernelsConfig, ModelConfig
+from gptfast.config import KernelsConfig, ModelConfig, RecomputeConfig
 
 aten = torch.ops.aten
-# Selective checkpointing keeps the outputs of these (matmuls, attention: costly to recompute) and
-# recomputes everything else in a checkpointed block (LayerNorm, GELU, adds, dropout: cheap).
+# Selective recomputation keeps the outputs of these (matmuls, attention: costly to recompute) and
+# recomputes everything else in a recomputed block (LayerNorm, GELU, adds, dropout: cheap).
 # Attention ops differ by backend and version, so only those this torch has are listed.
 SAVED_OPS = frozenset(getattr(aten, name).default for name in (
     "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 ) if hasattr(aten, name))
+
+
+# Memory for one chunk of logits in the fused linear + cross-entropy loss: the loss never holds more
+# of the (tokens, vocab) logits than this (the memory planner counts it).
+LOSS_CHUNK_BYTES = 256 * 2**20
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -105,15 +110,16 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2. `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
     the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere.
-    `ckpt_cfg` recomputes checkpointed blocks in backward (all of a block under "full", its cheap
-    ops under "selective") instead of keeping their activations; gradients are unchanged."""
+    `recompute_cfg` recomputes blocks in backward (all of a block under "full", its cheap ops
+    under "selective") instead of keeping their activations (torch's activation checkpointing);
+    gradients are unchanged."""
 
     def __init__(self, cfg: ModelConfig, kernel_cfg: KernelsConfig | None = None,
-                 ckpt_cfg: CheckpointConfig | None = None):
+                 recompute_cfg: RecomputeConfig | None = None):
         super().__init__()
         self.config = cfg
         self.kernel_cfg = kernel_cfg or KernelsConfig()
-        self.ckpt_cfg = ckpt_cfg or CheckpointConfig()
+        self.recompute_cfg = recompute_cfg or RecomputeConfig()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -171,16 +177,16 @@ class GPT(nn.Module):
             x = self._run_block(i, block, x)
         return self.transformer.ln_f(x)
 
-    def _checkpointed(self, i: int) -> bool:
-        policy = self.ckpt_cfg.policy
-        return policy != "none" and i % self.ckpt_cfg.every == 0 and torch.is_grad_enabled()
+    def _recomputed(self, i: int) -> bool:
+        policy = self.recompute_cfg.policy
+        return policy != "none" and i % self.recompute_cfg.every == 0 and torch.is_grad_enabled()
 
     def _run_block(self, i: int, fn, *args):
-        """fn(*args) for block i, through activation checkpointing when the config asks for it
-        for this block. Dropout masks are the same in the recomputation (the RNG state is kept)."""
-        if not self._checkpointed(i):
+        """fn(*args) for block i, through torch's activation checkpointing when the config asks to
+        recompute this block. Dropout masks are the same in the recomputation (the RNG state is kept)."""
+        if not self._recomputed(i):
             return fn(*args)
-        if self.ckpt_cfg.policy == "selective":
+        if self.recompute_cfg.policy == "selective":
             context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
             return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
         return checkpoint(fn, *args, use_reentrant=False)
@@ -206,14 +212,14 @@ class GPT(nn.Module):
             return kernels.add_layer_norm(block.mlp(y), x, next_ln.weight, next_ln.bias, next_ln.eps, out_dtype)
 
         def fused_block_from_stream(x, block, next_ln):
-            """The same from the stream alone: a checkpointed block then holds only x, and
+            """The same from the stream alone: a recomputed block then holds only x, and
             recomputes its first LayerNorm (cheap) rather than keeping y."""
             ln = block.ln_1
             return fused_block(kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype), x, block, next_ln)
 
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
-            if self._checkpointed(i):
+            if self._recomputed(i):
                 y, x = self._run_block(i, fused_block_from_stream, x, block, next_ln)
             else:
                 y, x = fused_block(y, x, block, next_ln)
@@ -244,7 +250,7 @@ class GPT(nn.Module):
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         weight = self.lm_head.weight[: self.config.vocab_size]  # (V, C), a view of the tied parameter
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
-                                            compute_dtype=compute_dtype)
+                                            compute_dtype=compute_dtype, chunk_bytes=LOSS_CHUNK_BYTES)
 
     def _logits_with_cache(self, idx: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which sits at positions start.."""

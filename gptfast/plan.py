@@ -1,5 +1,5 @@
 """`python -m gptfast.plan CONFIG --budget 12GiB [--section.key=value ...]`: which micro-batch and
-activation checkpointing fit a GPU memory budget, predicted without a GPU."""
+activation recomputation fit a GPU memory budget, predicted without a GPU."""
 
 from __future__ import annotations
 

@@ -12,14 +12,14 @@ from gptfast.config import config_from_dict
 from gptfast.data import get_tokenizer
 from gptfast.errors import run_cli
 from gptfast.model import GPT
-from gptfast.trainer import AUTOCAST_DTYPES, resolve_device
+from gptfast.device import AUTOCAST_DTYPES, resolve_device
 
 
 def load_model(path: str, device: torch.device) -> tuple[GPT, dict]:
     """The model of a checkpoint file, or of the newest checkpoint in a run directory."""
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], f"{state['path']} (config)")
-    model = GPT(cfg.model, cfg.kernels)  # no checkpointing: sampling never runs backward
+    model = GPT(cfg.model, cfg.kernels)  # no recomputation: sampling never runs backward
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 

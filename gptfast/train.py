@@ -1,7 +1,8 @@
 """`python -m gptfast.train CONFIG [--section.key=value ...]`: train, or resume, a GPT-2 model.
 
-SIGINT (Ctrl-C) or SIGTERM: the current optimizer step finishes, a checkpoint is written, and the
-process exits 0 with the command that resumes. A second SIGINT quits at once.
+SIGINT (Ctrl-C), SIGTERM or SIGHUP (a closed terminal or ssh session): the current optimizer step
+finishes, a checkpoint is written, and the process exits 0 with the command that resumes. A
+second SIGINT quits at once.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ Trains the model CONFIG describes, resuming from the newest checkpoint in train.
 Overrides follow the config path, e.g. --train.max_steps=100 --train.device=cpu."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def stop_on_signals(trainer: Trainer):
-    """While training, SIGINT / SIGTERM ask the trainer to stop after the current step."""
+    """While training, SIGINT / SIGTERM / SIGHUP ask the trainer to stop after the current step."""
 
     def request_stop(signum, frame):
         if trainer.stop_requested and signum == signal.SIGINT:
@@ -34,7 +38,7 @@ def stop_on_signals(trainer: Trainer):
         print(f"\n{signal.Signals(signum).name}: finishing step {trainer.step + 1}, then writing a checkpoint "
               "(Ctrl-C again to quit at once)", flush=True)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -1,12 +1,16 @@
-"""The training loop: accumulation, clipping, schedule, evaluation, metrics, checkpoints, resume."""
+"""The training loop: accumulation, clipping, schedule, the health guard, evaluation, checkpoints.
+
+`Trainer(cfg)` does, in this order: place the process (device, torchrun rank), resolve the config
+(init_from's architecture, the memory plan) and check it fits the device, open the data, claim
+the run directory, build the model and optimizer, restore the newest healthy checkpoint (or start
+over), and wrap the model for training. Everything that can reject the user's input runs before
+the run directory is touched. `run()` then trains to train.max_steps.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,66 +21,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gptfast import checkpoint as ckpt
-from gptfast.config import Config, to_toml
-from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer
-from gptfast.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
+from gptfast.config import Config, config_changes, to_toml
+from gptfast.data import TokenLoader, dataset_dir, ensure_prepared, get_tokenizer
+from gptfast.device import (DistInfo, autocast_dtype, device_name, join_process_group, memory_capacity_bytes,
+                            resolve_device)
+from gptfast.errors import CheckpointError, ConfigError, TrainingDiverged
 from gptfast.hardware import mfu, peak_bf16_flops
+from gptfast.health import HealthGuard, Verdict
+from gptfast.metrics import finite_or_none, format_step
 from gptfast.model import GPT, triton_unavailable_reason
 from gptfast.optim import FusedAdamW, build_optimizer, lr_at
-
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when present, else cpu; asking for CUDA on a machine without it is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device = {name!r} but this machine has no CUDA device: for a CPU run "
-                              "use configs/cpu_smoke.toml, or add --train.device=cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device = {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
-    return device
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def prepare_run_dir(out_dir: Path) -> None:
-    """Create `out_dir`, prove it is writable before any training time is spent, and clear the
-    temporary files a killed run left half-written (they were never renamed into place)."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-        for leftover in out_dir.glob(".*.tmp"):
-            leftover.unlink()
-    except OSError as e:
-        raise RunDirError(f"train.out_dir {str(out_dir)!r} cannot be written: {e.strerror or e}") from None
+from gptfast.rundir import RunDir
 
 
 @dataclass
@@ -93,13 +48,36 @@ def _silent(_: str) -> None:
     pass
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "nan" if value is None else format(value, spec)
+def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None,
+                   log: Callable[[str], None]) -> Config:
+    """The config the run trains with: the architecture of train.init_from, the micro-batch and
+    recomputation of train.memory_budget's plan. Raises ConfigError when the result cannot fit
+    the device at all (before anything is allocated or written)."""
+    from gptfast import memory
 
+    t = cfg.train
+    if t.init_from:  # the architecture is the pretrained checkpoint's, on resume too
+        from gptfast import hf
 
-def _finite_or_none(value: float) -> float | None:
-    """NaN and Inf are not JSON: metrics.jsonl records them as null."""
-    return value if math.isfinite(value) else None
+        hf_model = hf.model_config_from_hf(hf.read_hf_config(Path(t.init_from)), cfg.model.dropout)
+        cfg = dataclasses.replace(cfg, model=hf_model)
+    act_bytes = 2 if amp_dtype is not None else 4
+    if t.memory_budget:
+        chosen = memory.plan(cfg, memory.budget_bytes(t.memory_budget, "train.memory_budget"), act_bytes)
+        memory.format_plan(chosen, log)
+        cfg = memory.apply_plan(cfg, chosen.choice)
+    triton_ok = triton_unavailable_reason(device) is None
+    need = memory.predict_peak(cfg, cfg.train.micro_batch_size, cfg.recompute.policy, cfg.recompute.every,
+                               act_bytes, cfg.kernels.cross_entropy and triton_ok,
+                               cfg.kernels.adamw and triton_ok).peak_bytes
+    capacity = memory_capacity_bytes(device)
+    if need > capacity:
+        raise ConfigError(
+            f"this model and micro-batch need about {memory.format_bytes(need)} (predicted peak: "
+            f"{memory.padded_param_count(cfg.model):,} parameters, micro-batch {cfg.train.micro_batch_size} x "
+            f"{cfg.model.block_size} tokens) but {device_name(device)} has {memory.format_bytes(capacity)}; "
+            "use a smaller model or micro-batch, or set train.memory_budget")
+    return cfg
 
 
 class Trainer:
@@ -107,70 +85,91 @@ class Trainer:
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.dist = DistInfo.from_env()
-        if not self.dist.main:  # one voice: rank 0 logs, evaluates and writes files
-            log = _silent
-        self.cfg, self.log = cfg, log
-        t = cfg.train
-        self.device = resolve_device(t.device)
-        if self.dist.world_size > 1:
-            self.device = self._init_distributed(cfg)
-        self.out_dir = Path(t.out_dir)
-        # CPU has no fast bf16 matmuls worth the rounding, so the CPU path trains in fp32.
-        self.amp_dtype = AUTOCAST_DTYPES.get(t.dtype) if self.device.type == "cuda" else None
-        if self.device.type == "cpu" and t.dtype != "float32":
-            log(f"device cpu: training in float32 (train.dtype = {t.dtype} applies on CUDA)")
+        self.log = log if self.dist.main else _silent  # one voice: rank 0 logs, evaluates, writes
+        self.device = self._place_process(cfg)
+        self.amp_dtype = autocast_dtype(self.device, cfg.train.dtype)
+        self.cfg = resolve_config(cfg, self.device, self.amp_dtype, self.log)
+        self.loader = self._open_data()
+        self.run_dir = self._claim_run_dir()
+        self._build()
+        self._start_or_resume()
+        self._wrap_for_training()
+
+    # -- construction, in the order __init__ runs it ---------------------------------------------
+
+    def _place_process(self, cfg: Config) -> torch.device:
+        device = resolve_device(cfg.train.device)
+        if device.type == "cpu" and cfg.train.dtype != "float32":
+            self.log(f"device cpu: training in float32 (train.dtype = {cfg.train.dtype} applies on CUDA)")
+        world = self.dist.world_size
+        if world > 1:
+            if cfg.train.grad_accum_steps % world:
+                raise ConfigError(f"train.grad_accum_steps = {cfg.train.grad_accum_steps} is not divisible by the "
+                                  f"{world} processes: tokens per step could not stay as configured; use a "
+                                  f"multiple of {world}")
+            device = join_process_group(device, self.dist)
+            self.log(f"distributed: {world} processes ({dist.get_backend()}), "
+                     f"{cfg.train.grad_accum_steps // world} micro-batches each per optimizer step")
+        return device
+
+    def _open_data(self) -> TokenLoader:
+        """Rank 0 prepares a missing dataset while the others wait; then every rank checks it."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.main:
+            ensure_prepared(cfg.data, log=self.log)
+        self._barrier()
+        return TokenLoader(dataset_dir(cfg.data), cfg.model.vocab_size, cfg.model.block_size,
+                           t.micro_batch_size, t.seed, self.device)
+
+    def _claim_run_dir(self) -> RunDir:
+        """Only once the input is known good: bad input leaves nothing behind. Rank 0 owns the files."""
+        run_dir = RunDir(self.cfg.train.out_dir, self.log)
+        if self.dist.main:
+            run_dir.acquire()
+        self._barrier()
+        return run_dir
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-
-        if t.init_from:  # the architecture is the pretrained checkpoint's, on resume too
-            from gptfast import hf
-
-            hf_model = hf.model_config_from_hf(hf.read_hf_config(Path(t.init_from)), cfg.model.dropout)
-            cfg = dataclasses.replace(cfg, model=hf_model)
-        if t.memory_budget:
-            cfg = self._apply_memory_plan(cfg)
-        self.cfg, t = cfg, cfg.train
-        self.model = GPT(cfg.model, cfg.kernels, cfg.checkpointing).to(self.device)
+        self.model = GPT(cfg.model, cfg.kernels, cfg.recompute).to(self.device)
         reason = triton_unavailable_reason(self.device)
         triton_ops = [name for name in ("layernorm", "cross_entropy", "adamw") if getattr(cfg.kernels, name)]
         if triton_ops and reason:
-            log(f"kernels {', '.join(triton_ops)}: {reason}; this {self.device.type} run uses PyTorch's ops")
+            self.log(f"kernels {', '.join(triton_ops)}: {reason}; this {self.device.type} run uses PyTorch's ops")
         elif triton_ops:
-            log(f"Triton kernels: {', '.join(triton_ops)}")
-        log(f"model: {self.model.num_params():,} parameters ({cfg.model.n_layer} layers, "
-            f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})")
-        log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "
-            f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context")
-
-        if self.dist.main:  # rank 0 prepares a missing dataset; the others wait for it
-            ensure_prepared(cfg.data, log=log)
-        self._barrier()
-        folder = ensure_prepared(cfg.data, log=log)
-        self.loader = TokenLoader(folder, cfg.model.vocab_size, cfg.model.block_size,
-                                  t.micro_batch_size, t.seed, self.device)
-        if self.dist.main:  # only once the data is known good: bad input leaves nothing behind
-            prepare_run_dir(self.out_dir)
-        self._barrier()
-
+            self.log(f"Triton kernels: {', '.join(triton_ops)}")
+        self.log(f"model: {self.model.num_params():,} parameters ({cfg.model.n_layer} layers, "
+                 f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})")
+        self.log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "
+                 f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context")
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device,
                                          triton_adamw=cfg.kernels.adamw and reason is None)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.guard = HealthGuard(t.loss_spike_factor, t.max_param_growth)
         self.step = 0
         self.val_loss: float | None = None
-        self.bad_steps = 0  # consecutive optimizer steps skipped for a non-finite loss or norm
-        self.skipped_steps = 0  # all skipped steps since this process started
+        self.skipped_steps = 0  # all steps skipped as unhealthy since this process started
         self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
+        self._pending_param_norm: torch.Tensor | None = None  # after the last update, not yet judged
+
+    def _start_or_resume(self) -> None:
+        t = self.cfg.train
         if t.resume:
             self._resume()
         elif self.dist.main:
-            self._set_aside_previous_run()
+            self.run_dir.set_aside_previous_run()
         if t.init_from and self.step == 0:
             from gptfast import hf
 
             hf.load_hf_into(self.model, t.init_from)
-            log(f"initialised from {t.init_from} (fresh optimizer, step 0)")
+            self.log(f"initialised from {t.init_from} (fresh optimizer, step 0)")
         if self.dist.main:
-            self._write_config()
+            self.run_dir.write_config(to_toml(self.cfg))
         self._barrier()
+
+    def _wrap_for_training(self) -> None:
+        t = self.cfg.train
         if self.dist.world_size > 1:
             if self.step == 0:  # each rank its own dropout stream; rank 0's is the one checkpoints keep
                 torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
@@ -185,86 +184,36 @@ class Trainer:
             self.train_model = torch.compile(self.model) if t.compile else self.model
             self.eval_model = self.train_model
         self.flops_per_token = self.model.flops_per_token()
-        self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-
-    def _init_distributed(self, cfg: Config) -> torch.device:
-        """Join the torchrun job: NCCL on CUDA (one GPU per rank), gloo on CPU; accumulation is split
-        across ranks so tokens per optimizer step stay as configured."""
-        world = self.dist.world_size
-        if cfg.train.grad_accum_steps % world:
-            raise ConfigError(f"train.grad_accum_steps = {cfg.train.grad_accum_steps} is not divisible by the "
-                              f"{world} processes: tokens per step could not stay as configured; use a multiple of {world}")
-        device = self.device
-        if device.type == "cuda":
-            device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.log(f"distributed: {world} processes ({dist.get_backend()}), "
-                 f"{cfg.train.grad_accum_steps // world} micro-batches each per optimizer step")
-        return device
+        self.peak_flops = peak_bf16_flops(device_name(self.device)) if self.device.type == "cuda" else None
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
             dist.barrier()
 
-    def _apply_memory_plan(self, cfg: Config) -> Config:
-        """train.memory_budget: the fastest micro-batch and checkpointing policy predicted to fit,
-        printed first; tokens per optimizer step stay as configured."""
-        from gptfast import memory
-
-        act_bytes = 2 if self.amp_dtype is not None else 4
-        chosen = memory.plan(cfg, memory.budget_bytes(cfg.train.memory_budget, "train.memory_budget"), act_bytes)
-        memory.format_plan(chosen, self.log)
-        return memory.apply_plan(cfg, chosen.choice)
-
-    # -- run directory ---------------------------------------------------------------------------
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    def _write_config(self) -> None:
-        text = to_toml(self.cfg).encode()
-        ckpt.atomic_write_bytes(self.out_dir / "config.toml", lambda f: f.write(text))
-
-    def _set_aside_previous_run(self) -> None:
-        """train.resume = false starts over; an earlier run's files move to old_<n>/, not deleted."""
-        previous = ckpt.list_checkpoints(self.out_dir)
-        previous += [ckpt.checksum_path(p) for p in previous if ckpt.checksum_path(p).exists()]
-        if self.metrics_path.exists():
-            previous.append(self.metrics_path)
-        if not previous:
-            return
-        n = 1
-        while (self.out_dir / f"old_{n}").exists():
-            n += 1
-        keep = self.out_dir / f"old_{n}"
-        keep.mkdir()
-        for path in previous:
-            path.rename(keep / path.name)
-        self.log(f"train.resume = false: moved the previous run's files to {keep}")
+    # -- resume ----------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        """Continue from the newest readable checkpoint; a corrupt one is reported and skipped."""
-        candidates = ckpt.list_checkpoints(self.out_dir)
+        """Continue from the newest healthy, readable checkpoint; a corrupt one is reported and
+        skipped, and newer unhealthy ones are set aside (moved, not deleted)."""
+        out = self.run_dir.path
+        candidates = ckpt.list_checkpoints(out, healthy_only=True)
         state, errors = None, []
         for path in reversed(candidates):
             try:
-                state = ckpt.load_checkpoint(path)
+                state = ckpt.load_checkpoint(path, log=self.log)
                 break
             except CheckpointError as e:
                 errors.append(str(e))
                 self.log(f"warning: {e}; trying the previous checkpoint")
         if state is None:
             if errors:
-                raise CheckpointError(f"no readable checkpoint in {self.out_dir}: {errors[0]}")
+                raise CheckpointError(f"no readable checkpoint in {out}: {errors[0]}")
+            unhealthy = ckpt.list_checkpoints(out)
+            if unhealthy:
+                raise CheckpointError(f"every checkpoint in {out} is marked unhealthy (newest "
+                                      f"{unhealthy[-1].name}); start over with --train.resume=false")
             return
-        ckpt.check_same_model(state["config"]["model"], self.cfg.to_dict()["model"], state["path"])
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.dist.world_size:
-            raise CheckpointError(f"{state['path']} was written by a run of {saved_world} processes; resume it with "
-                                  f"{saved_world} (this run has {self.dist.world_size})")
+        self._check_resumable(state)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -272,33 +221,46 @@ class Trainer:
             raise CheckpointError(f"{state['path']} does not fit this model: {e}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("health"):
+            self.guard.load_state_dict(state["health"])
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         self.val_loss = state.get("val_loss")
         if self.dist.main:
-            self._truncate_metrics(self.step)
+            newer = ckpt.run_files(out, after_step=self.step)
+            self.run_dir.set_aside(newer, f"resuming from the healthy checkpoint of step {self.step}; "
+                                          "the newer, unhealthy checkpoints")
+            self.run_dir.truncate_metrics(self.step)
         self.log(f"resumed from {state['path']} at step {self.step}")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records of steps after the checkpoint: the resumed run writes them again."""
-        if not self.metrics_path.exists():
-            return
-        lines = self.metrics_path.read_text().splitlines(keepends=True)
-        kept = "".join(line for line in lines if line.strip() and json.loads(line)["step"] <= step).encode()
-        ckpt.atomic_write_bytes(self.metrics_path, lambda f: f.write(kept))
+    def _check_resumable(self, state: dict) -> None:
+        """Same model, same world size, and no silent change to what decides the trajectory."""
+        path = state["path"]
+        ckpt.check_same_model(state["config"]["model"], self.cfg.to_dict()["model"], path)
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(f"{path} was written by a run of {saved_world} processes; resume it with "
+                                  f"{saved_world} (this run has {self.dist.world_size})")
+        trajectory, other = config_changes(state["config"], self.cfg.to_dict())
+        if trajectory and not self.cfg.train.allow_config_change:
+            raise ConfigError(f"resuming {path} with changed settings that change the training trajectory "
+                              f"({'; '.join(trajectory)}); restore them, or pass --train.allow_config_change=true, "
+                              "or start over with --train.resume=false")
+        for change in trajectory + other:
+            self.log(f"resume: changed {change}")
 
-    def _record(self, record: dict) -> None:
-        if not self.dist.main:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    # -- checkpoints -----------------------------------------------------------------------------
 
     def save(self) -> Path:
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if not bool(finite):  # a skipped step never changes the weights, so this is a bug, not bad luck
-            raise TrainingDiverged(f"step {self.step}: the weights hold NaN or Inf; no checkpoint was written")
+        """Write the checkpoint of this step, marked unhealthy when the run is not healthy."""
+        self._judge_pending_param_norm()
+        healthy = self.guard.healthy
+        if healthy:
+            finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+            # the guard judged the parameter norm after the last update, so this cannot fail
+            assert bool(finite), f"step {self.step}: the health guard passed non-finite weights"
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         state = {
@@ -310,10 +272,12 @@ class Trainer:
             "val_loss": self.val_loss,
             "rng": rng,
             "world_size": self.dist.world_size,
+            "healthy": healthy,
+            "health": self.guard.state_dict(),
             # The loader is a pure function of (seed, step): its whole state is these two numbers.
             "loader": {"seed": self.cfg.train.seed, "step": self.step},
         }
-        return ckpt.save_checkpoint(state, self.out_dir, self.step, self.cfg.train.keep_checkpoints)
+        return ckpt.save_checkpoint(state, self.run_dir.path, self.step, self.cfg.train.keep_checkpoints, healthy)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -322,11 +286,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, Verdict]:
         """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss, grad norm,
-        applied): the first two as device tensors; `applied` is False when the loss or the
-        gradient norm was NaN/Inf and the update was skipped, leaving parameters and optimizer
-        state untouched. Deciding that costs the one host sync of the step."""
+        verdict): the first two as device tensors; the update is applied only when the verdict is
+        healthy, else parameters and optimizer state stay untouched. Deciding that costs the one
+        host sync of the step."""
         t, o = self.cfg.train, self.cfg.optim
         lr = lr_at(self.step, o)
         for group in self.optimizer.param_groups:
@@ -337,7 +301,9 @@ class Trainer:
         local_steps = t.grad_accum_steps // self.dist.world_size
         for i in range(local_steps):
             x, y = self.loader.batch("train", self.step, self.dist.rank * local_steps + i)
-            # DDP averages gradients over ranks, so each rank divides by its own share
+            # The mean over the step's micro-batches; DDP averages over ranks, so each rank divides
+            # by its own share. (Mutant: without `/ local_steps` the gradients are local_steps times too
+            # large: tests/test_trainer.py::test_accumulation_equals_one_large_batch.)
             with self._no_sync(last=i == local_steps - 1), self.autocast():
                 loss = self.train_model(x, y) / local_steps
             loss_sum += loss.detach()
@@ -360,17 +326,49 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         else:  # the norm is still logged; computing it does not rescale the gradients
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        # Under float16 an overflowing gradient is the loss scaler's business (it skips the step
-        # and lowers the scale); only the loss itself is checked there.
-        checked = loss_sum if self.scaler is not None else torch.stack([loss_sum, grad_norm.float()])
-        applied = bool(torch.isfinite(checked).all())
-        if applied:
+        verdict = self._judge(loss_sum, grad_norm)
+        if verdict.healthy:
             self._optimizer_step()
+            self._pending_param_norm = self._param_norm()
         elif fused:
             self.optimizer.discard_grad_norm()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum, grad_norm, applied
+        return loss_sum, grad_norm, verdict
+
+    def _judge(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
+        """The health verdict on this step, from one host read of (loss, grad norm, the parameter
+        norm after the previous update)."""
+        pending = self._pending_param_norm
+        values = [loss_sum, grad_norm.float()] + ([pending] if pending is not None else [])
+        host = torch.stack(values).tolist()  # the step's one host sync
+        loss, norm = host[0], host[1]
+        if self.scaler is not None:  # under float16 an overflowing gradient is the loss scaler's business
+            norm = 0.0
+        self._pending_param_norm = None
+        verdict = self.guard.check_param_norm(host[2]) if pending is not None else Verdict(True)
+        if verdict.healthy:
+            verdict = self.guard.check_step(loss, norm)
+        if not verdict.healthy and self.dist.main:
+            # This loss was computed with the weights after the previous update: a checkpoint of them
+            # (written at the end of the previous step) is no longer trusted.
+            ckpt.mark_unhealthy(ckpt.checkpoint_path(self.run_dir.path, self.step))
+        self.guard.record(verdict, loss)
+        return verdict
+
+    def _judge_pending_param_norm(self) -> None:
+        """Judge the last update before a checkpoint of its weights is written (one host sync)."""
+        if self._pending_param_norm is not None:
+            verdict = self.guard.check_param_norm(self._pending_param_norm.item())
+            self._pending_param_norm = None
+            if not verdict.healthy:
+                self.guard.record(verdict, float("nan"))
+                self._report_unhealthy(verdict)
+
+    @torch.no_grad()
+    def _param_norm(self) -> torch.Tensor:
+        norms = torch._foreach_norm([p for p in self.model.parameters()])
+        return torch.linalg.vector_norm(torch.stack(norms).float())
 
     def _no_sync(self, last: bool):
         """Skip DDP's gradient all-reduce on every micro-step but the step's last."""
@@ -413,6 +411,16 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to train.max_steps, or until `stop_requested` is set (by a signal handler): then
         the current step finishes, a checkpoint is written and the result says `stopped`."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory for another trainer (run() does this when it returns)."""
+        self.run_dir.release()
+
+    def _run(self) -> TrainResult:
         t = self.cfg.train
         self.model.train()
         if self.step >= t.max_steps:
@@ -421,12 +429,10 @@ class Trainer:
         train_loss, checkpoint = None, None
         last_time, last_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
-            loss, grad_norm, applied = self.train_step()
+            loss, grad_norm, verdict = self.train_step()
             done = self.step == t.max_steps
-            if not applied:
-                self._skipped_step(loss, grad_norm)
-            else:
-                self.bad_steps = 0
+            if not verdict.healthy:
+                self._skipped_step(loss, grad_norm, verdict)
             if self.step % t.log_interval == 0 or done:
                 train_loss = loss.item()  # the step has synced already: this read is free
                 now = time.perf_counter()
@@ -434,23 +440,25 @@ class Trainer:
                 last_time, last_step = now, self.step
                 tokens_per_second = tokens_per_step / step_time
                 record = {
-                    "step": self.step, "loss": _finite_or_none(train_loss), "lr": lr_at(self.step - 1, self.cfg.optim),
-                    "grad_norm": _finite_or_none(grad_norm.item()), "tokens_per_second": tokens_per_second,
+                    "step": self.step, "loss": finite_or_none(train_loss), "lr": lr_at(self.step - 1, self.cfg.optim),
+                    "grad_norm": finite_or_none(grad_norm.item()), "tokens_per_second": tokens_per_second,
                     "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops),
                     "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
                                           if self.device.type == "cuda" else None),
                     "eta_seconds": step_time * (t.max_steps - self.step), "skipped_steps": self.skipped_steps,
                 }
                 self._record(record)
-                self.log(self._format(record))
+                self.log(format_step(record, t.max_steps))
             if (self.step % t.eval_interval == 0 or done) and self.dist.main:
                 self.val_loss = self.evaluate()
-                self._record({"step": self.step, "val_loss": _finite_or_none(self.val_loss)})
+                self._record({"step": self.step, "val_loss": finite_or_none(self.val_loss)})
                 self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
             saved_now = self.step % t.checkpoint_interval == 0 or done
             if (saved_now or self.stop_requested) and self.dist.main:
                 checkpoint = self.save()
-                self.log(f"step {self.step} | checkpoint {checkpoint}")
+                health = "" if ckpt.is_healthy(checkpoint) else " (marked unhealthy)"
+                self.log(f"step {self.step} | checkpoint {checkpoint}{health}")
+            self._stop_if_diverged()
             if self.stop_requested and not done:
                 return TrainResult(self.step, train_loss, self.val_loss, "", stopped=True, checkpoint=checkpoint)
         text = ""
@@ -460,30 +468,29 @@ class Trainer:
             self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
         return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint)
 
-    def _skipped_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.bad_steps += 1
-        self.skipped_steps += 1
-        self._record({"step": self.step, "skipped": True, "loss": _finite_or_none(loss.item()),
-                      "grad_norm": _finite_or_none(grad_norm.item())})
-        self.log(f"step {self.step} | non-finite loss {loss.item()} or gradient norm {grad_norm.item()}: update "
-                 f"skipped ({self.bad_steps} in a row, {self.skipped_steps} in this run)")
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
-            last = ckpt.latest_checkpoint(self.out_dir)
-            raise TrainingDiverged(
-                f"{self.bad_steps} optimizer steps in a row (up to step {self.step}) had a NaN or Inf loss or "
-                f"gradient norm (train.max_bad_steps = {self.cfg.train.max_bad_steps}); the run stopped. "
-                + (f"The last good checkpoint is {last}: lower optim.lr or raise optim.warmup_steps and resume."
-                   if last else "No checkpoint was written yet."))
+    def _record(self, record: dict) -> None:
+        if self.dist.main:
+            self.run_dir.append_metrics(record)
 
-    def _format(self, r: dict) -> str:
-        parts = [f"step {r['step']}/{self.cfg.train.max_steps}", f"loss {_fmt(r['loss'], '.4f')}",
-                 f"lr {r['lr']:.2e}", f"grad norm {_fmt(r['grad_norm'], '.3f')}",
-                 f"{r['tokens_per_second']:,.0f} tok/s"]
-        if r["mfu"] is not None:
-            parts.append(f"mfu {100 * r['mfu']:.1f}%")
-        if r["peak_memory_bytes"] is not None:
-            parts.append(f"peak mem {r['peak_memory_bytes'] / 2**30:.2f} GiB")
-        parts.append(f"eta {format_duration(r['eta_seconds'])}")
-        if r["skipped_steps"]:
-            parts.append(f"skipped {r['skipped_steps']}")
-        return " | ".join(parts)
+    def _report_unhealthy(self, verdict: Verdict) -> None:
+        self._record({"step": self.step, "unhealthy": verdict.reason})
+        self.log(f"step {self.step} | unhealthy: {verdict.reason} ({self.guard.bad_in_a_row} in a row)")
+
+    def _skipped_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, verdict: Verdict) -> None:
+        self.skipped_steps += 1
+        self._record({"step": self.step, "skipped": True, "loss": finite_or_none(loss.item()),
+                      "grad_norm": finite_or_none(grad_norm.item()), "reason": verdict.reason})
+        self.log(f"step {self.step} | {verdict.reason}: update skipped ({self.guard.bad_in_a_row} in a row, "
+                 f"{self.skipped_steps} in this run)")
+
+    def _stop_if_diverged(self) -> None:
+        t = self.cfg.train
+        if self.guard.bad_in_a_row < t.max_bad_steps:
+            return
+        last = ckpt.latest_checkpoint(self.run_dir.path, healthy_only=True)
+        raise TrainingDiverged(
+            f"{self.guard.bad_in_a_row} optimizer steps in a row (up to step {self.step}) were unhealthy "
+            f"(train.max_bad_steps = {t.max_bad_steps}); the run stopped. "
+            + (f"The newest healthy checkpoint is {last}; rerunning the same command resumes from it "
+               "(lower optim.lr or raise optim.warmup_steps first)." if last else
+               "No healthy checkpoint was written; start over with a lower optim.lr."))

@@ -29,8 +29,6 @@ import triton.language as tl
 from kernels._utils import cast_rtne, check_tensors, interpreted
 
 REDUCTIONS = ("mean", "sum", "none")
-# Default memory for one chunk's logits in linear_cross_entropy.
-CHUNK_BYTES = 256 * 2**20
 
 
 @triton.jit
@@ -342,15 +340,15 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_bytes: int,
                          ignore_index: int = -100, reduction: str = "mean",
-                         compute_dtype: torch.dtype | None = None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets)` without the (N, V) logits.
 
     hidden (N, C), weight (V, C) (a tied embedding works: the gradient lands in the parameter),
     targets (N,) int64. The matmuls run in `compute_dtype` (default hidden's dtype; pass the
     autocast dtype under autocast); gradients come back in each input's own dtype, grad_weight
-    accumulated in fp32. `chunk_bytes` bounds one chunk's logits. For "mean" and "sum" the
+    accumulated in fp32. `chunk_bytes` bounds one chunk's logits (the caller's memory budget). For "mean" and "sum" the
     gradients are computed during the forward (the logits exist only chunk by chunk, then);
     "none" computes its gradients in backward, recomputing each chunk's logits.
     """

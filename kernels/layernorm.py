@@ -213,13 +213,21 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y, s, mean, rstd
 
 
+def backward_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of the backward launch: each writes one row of the dW/dB partials."""
+    return min(n_rows, BWD_PROGRAMS_PER_SM * sm_count(device))
+
+
 def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_bias: bool,
                    mean: torch.Tensor, rstd: torch.Tensor, ds_in: torch.Tensor | None = None,
                    x_dtype: torch.dtype | None = None, *, ds: torch.Tensor | None = None,
-                   dx: torch.Tensor | None = None):
+                   dx: torch.Tensor | None = None, dw_partial: torch.Tensor | None = None,
+                   db_partial: torch.Tensor | None = None):
     """Launch the backward kernel. `s` is the forward's normalised input. Returns
     (ds, dx, dweight, dbias): ds in s's dtype; dx, the same gradient in `x_dtype`, only when that
-    differs from s's dtype (else None); dweight, dbias in weight's dtype (dbias None without a bias)."""
+    differs from s's dtype (else None); dweight, dbias in weight's dtype (dbias None without a bias).
+    Output buffers may be passed in (the tests poison them); the fp32 dW/dB partials are
+    (backward_programs(n_rows, device), C)."""
     check_tensors("layer_norm backward", dy, s, weight, ds_in)
     n_cols = s.shape[-1]
     s_rows, dy_rows = as_rows(s, n_cols), as_rows(dy, n_cols)
@@ -235,10 +243,13 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
         return ds, dx, torch.zeros_like(weight), torch.zeros_like(weight) if has_bias else None
     ds_rows = ds.view(-1, n_cols)
     dx_rows = dx.view(-1, n_cols) if has_dx else None
-    n_programs = min(n_rows, BWD_PROGRAMS_PER_SM * sm_count(s.device))
+    n_programs = backward_programs(n_rows, s.device)
     rows_per_program = triton.cdiv(n_rows, n_programs)
-    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
-    db_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device) if has_bias else None
+    if dw_partial is None:
+        dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
+    if db_partial is None and has_bias:
+        db_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
+    db_partial = db_partial if has_bias else None
     block, block_rows, num_warps = row_block_settings(n_cols, s.element_size(), s.device)
     _layer_norm_bwd_kernel[(n_programs,)](
         dy_rows, ds_in_rows, s_rows, weight, mean, rstd, ds_rows, dx_rows, dw_partial, db_partial,

@@ -106,7 +106,7 @@ def test_bad_targets_and_arguments():
         cross_entropy(logits, torch.tensor([0, 1, 2, 3], device=DEVICE), reduction="avg")
     with pytest.raises(ValueError, match="must share C"):
         linear_cross_entropy(torch.randn(4, 8, device=DEVICE), torch.randn(10, 9, device=DEVICE),
-                             torch.zeros(4, dtype=torch.long, device=DEVICE))
+                             torch.zeros(4, dtype=torch.long, device=DEVICE), chunk_bytes=2**20)
 
 
 def test_cpu_without_interpreter_is_an_error(monkeypatch):
@@ -206,7 +206,7 @@ def test_compiles_without_graph_break():
     targets = make_targets(64, 300, gen)
 
     def loss_fn(h, w, t):
-        return linear_cross_entropy(torch.tanh(h), w, t) + cross_entropy(h @ w.T, t, reduction="sum") / 64
+        return linear_cross_entropy(torch.tanh(h), w, t, chunk_bytes=2**20) + cross_entropy(h @ w.T, t, reduction="sum") / 64
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     got = compiled(hidden, weight, targets)

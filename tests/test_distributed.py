@@ -27,12 +27,12 @@ def records(out_dir, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
-KERNELS_AND_CHECKPOINTING = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kernels.adamw": True,
-                             "checkpointing.policy": '"selective"'}
+KERNELS_AND_RECOMPUTE = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kernels.adamw": True,
+                             "recompute.policy": '"selective"'}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, KERNELS_AND_CHECKPOINTING], ids=["pytorch", "kernels+checkpointing"])
+@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE], ids=["pytorch", "kernels+recompute"])
 def test_two_processes_follow_the_single_process_trajectory(data_dir, tmp_path, extra):
     run(data_dir, tmp_path / "one", 1, **extra)
     two = run(data_dir, tmp_path / "two", 2, **extra)

@@ -73,7 +73,7 @@ def test_finetune_from_a_hf_directory_and_export(tiny_config, tmp_path):
         torch.testing.assert_close(trainer.model.eval()(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
     result = trainer.run()
     assert result.step == 3 and result.train_loss is not None
-    assert export_main([str(trainer.out_dir), str(tmp_path / "exported")]) == 0
+    assert export_main([str(trainer.run_dir.path), str(tmp_path / "exported")]) == 0
     tuned = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
         torch.testing.assert_close(tuned(idx).logits, trainer.model.eval()(idx), atol=1e-5, rtol=1e-5)

@@ -1,17 +1,16 @@
-"""Activation checkpointing and the memory planner (gptfast/memory.py)."""
+"""Activation recomputation and the memory planner (gptfast/memory.py)."""
 
 import pytest
 import torch
 
 from conftest import REPO
-from gptfast.config import CheckpointConfig, KernelsConfig, ModelConfig, load_config
+from gptfast.config import RECOMPUTE_POLICIES, KernelsConfig, ModelConfig, RecomputeConfig, load_config
 from gptfast.errors import ConfigError
 from gptfast.memory import activation_bytes_per_token, budget_bytes, measure_saved_bytes, plan
 from gptfast.model import GPT
 from gptfast.plan import main as plan_main
 
 TINY = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=32, vocab_size=101)
-POLICIES = ["none", "selective", "full"]
 
 
 def batch(cfg=TINY, seed=0):
@@ -31,9 +30,9 @@ def test_saved_bytes_order_and_prediction(fused):
     x, y = batch()
     tokens = x.numel()
     measured = {}
-    for policy in POLICIES:
+    for policy in RECOMPUTE_POLICIES:
         torch.manual_seed(0)
-        model = GPT(TINY, kernels, CheckpointConfig(policy=policy))
+        model = GPT(TINY, kernels, RecomputeConfig(policy=policy))
         measured[policy] = interior_block_bytes(measure_saved_bytes(model, x, y))
         predicted = (TINY.n_layer - 1) * tokens * activation_bytes_per_token(TINY, policy, 4, fused)
         assert abs(measured[policy] - predicted) <= 0.10 * predicted, (policy, measured[policy], predicted)
@@ -45,10 +44,10 @@ def test_gradients_identical_across_policies(policy, every):
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=57, dropout=0.1)
     x, y = batch(cfg, seed=1)
     grads = []
-    for ckpt in (CheckpointConfig(), CheckpointConfig(policy=policy, every=every)):
+    for ckpt in (RecomputeConfig(), RecomputeConfig(policy=policy, every=every)):
         torch.manual_seed(2)
-        model = GPT(cfg, ckpt_cfg=ckpt)
-        torch.manual_seed(3)  # the same dropout masks; checkpointing replays them in recomputation
+        model = GPT(cfg, recompute_cfg=ckpt)
+        torch.manual_seed(3)  # the same dropout masks; torch's checkpoint replays them in recomputation
         loss = model(x, y)
         grads.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     assert torch.equal(grads[0][0], grads[1][0])
@@ -59,7 +58,7 @@ def test_gradients_identical_across_policies(policy, every):
 def test_every_kth_block_is_checkpointed():
     x, y = batch()
     torch.manual_seed(0)
-    measured = measure_saved_bytes(GPT(TINY, ckpt_cfg=CheckpointConfig(policy="full", every=2)), x, y)
+    measured = measure_saved_bytes(GPT(TINY, recompute_cfg=RecomputeConfig(policy="full", every=2)), x, y)
     full = activation_bytes_per_token(TINY, "full", 4, False) * x.numel()
     # block 0 (checkpointed) holds its input, plus block 1's input, made at its end
     assert measured["block 0"] < 3 * full and measured["block 1"] > 10 * full and measured["block 2"] < 3 * full
@@ -93,7 +92,7 @@ def test_bad_budgets(text, message):
 
 def test_budget_too_small_names_the_smallest_that_works():
     cfg = load_config(REPO / "configs" / "medium_4070.toml")
-    with pytest.raises(ConfigError, match=r"the smallest plan \(micro-batch 1, checkpointing full\) needs \d+\.\d+ GiB"):
+    with pytest.raises(ConfigError, match=r"the smallest plan \(micro-batch 1, recompute full\) needs \d+\.\d+ GiB"):
         plan(cfg, budget_bytes("2GiB"))
 
 
@@ -114,25 +113,30 @@ def test_trainer_applies_the_plan(tiny_config):
     cfg = trainer.cfg
     assert cfg.train.micro_batch_size * cfg.train.grad_accum_steps == 8  # 4 x 2 as configured
     trainer.run()
-    assert "[checkpointing]" in (trainer.out_dir / "config.toml").read_text()
+    assert "[recompute]" in (trainer.run_dir.path / "config.toml").read_text()
 
 
-def test_checkpointing_config_errors(tmp_path):
+def test_recompute_config_errors(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[checkpointing]\npolicy = "some"\n')
-    with pytest.raises(ConfigError, match="checkpointing.policy: expected one of none, selective, full"):
+    path.write_text('[recompute]\npolicy = "some"\n')
+    with pytest.raises(ConfigError, match="recompute.policy: expected one of none, selective, full"):
         load_config(path)
+    path.write_text('[checkpointing]\npolicy = "full"\n')  # the section's old name names the new one
+    with pytest.raises(ConfigError, match=r"\[checkpointing\]: this section is now \[recompute\]"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"\[checkpointing\]: this section is now \[recompute\]"):
+        load_config(None, ["--checkpointing.policy=full"])
     path.write_text("[train]\nmemory_budget = \"12 GB!\"\n")
     with pytest.raises(ConfigError, match="train.memory_budget"):
         load_config(path)
 
 
 @pytest.mark.parametrize("policy", ["selective", "full"])
-def test_checkpointing_under_torch_compile(policy):
+def test_recompute_under_torch_compile(policy):
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=57)
     x, y = batch(cfg, seed=4)
     torch.manual_seed(5)
-    eager = GPT(cfg, ckpt_cfg=CheckpointConfig(policy=policy))
+    eager = GPT(cfg, recompute_cfg=RecomputeConfig(policy=policy))
     compiled = torch.compile(eager, backend="aot_eager")
     want = eager(x, y)
     got = compiled(x, y)

@@ -109,7 +109,7 @@ def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
     def step_and_check():
         params, state = snapshot()
         out = real_step()
-        if not out[2]:
+        if not out[2].healthy:
             for a, b in zip(params, trainer.model.parameters(), strict=True):
                 assert torch.equal(a, b)  # a skipped step changes no parameter...
             assert copy_state(trainer.optimizer) == state  # ...and no optimizer state
@@ -119,9 +119,9 @@ def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
     trainer.train_step = step_and_check
     result = trainer.run()
     assert result.step == 5 and trainer.skipped_steps == 2 and set(before) == {2, 4}
-    rows = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (trainer.run_dir.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped")] == [2, 4]
-    assert all(torch.isfinite(p).all() for p in ckpt.load_checkpoint(trainer.out_dir)["model"].values())
+    assert all(torch.isfinite(p).all() for p in ckpt.load_checkpoint(trainer.run_dir.path)["model"].values())
 
 
 def copy_state(opt):
@@ -134,12 +134,17 @@ def test_too_many_bad_steps_stop_the_run(tiny_config, monkeypatch):
     model_forward = trainer.model.forward
     monkeypatch.setattr(trainer, "train_model",
                         lambda idx, targets=None: model_forward(idx, targets) * (float("inf") if trainer.step >= 4 else 1.0))
-    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(up to step 7\).* last good "
-                                               r"checkpoint is .*ckpt_00000006.pt"):
+    # Step 5's loss (the weights after update 4) is the first bad one: ckpt 4 holds those weights, so
+    # it is condemned too, and the newest healthy checkpoint is step 2's.
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(up to step 7\).* newest healthy "
+                                               r"checkpoint is .*ckpt_00000002.pt; rerunning the same command"):
         trainer.run()
+    out = trainer.run_dir.path
+    assert [(p.name, ckpt.is_healthy(p)) for p in ckpt.list_checkpoints(out)] == [
+        ("ckpt_00000002.pt", True), ("ckpt_00000004.pt", False), ("ckpt_00000006.pt", False)]
     # steps 5 and 6 were skipped, so the step-6 checkpoint holds the step-4 weights, all finite
-    at_4 = ckpt.load_checkpoint(trainer.out_dir / "ckpt_00000004.pt")["model"]
-    at_6 = ckpt.load_checkpoint(trainer.out_dir / "ckpt_00000006.pt")["model"]
+    at_4 = ckpt.load_checkpoint(out / "ckpt_00000004.pt")["model"]
+    at_6 = ckpt.load_checkpoint(out / "ckpt_00000006.pt")["model"]
     assert all(torch.equal(at_4[k], at_6[k]) and torch.isfinite(at_6[k]).all() for k in at_4)
 
 

@@ -1,0 +1,76 @@
+"""Is the run healthy? The step guard that decides which updates to apply and which checkpoints to trust.
+
+A step is unhealthy when its loss or gradient norm is NaN/Inf, when its loss spikes against the
+recent healthy losses (`train.loss_spike_factor`), or when the update before it blew up the global
+parameter norm (`train.max_param_growth`). An unhealthy step's update is not applied (parameters
+and optimizer state stay as they were), as llm.c skips updates whose loss is an outlier. The loss of
+step s is computed with the weights after update s-1, so a spike at step s also condemns the
+checkpoint of step s-1. After `train.max_bad_steps` unhealthy steps in a row the run stops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+# The spike reference: the mean loss of this many recent healthy steps, once at least
+# SPIKE_MIN_HISTORY of them exist (the first steps of a run have nothing to compare with).
+SPIKE_WINDOW = 10
+SPIKE_MIN_HISTORY = 3
+
+
+@dataclass
+class Verdict:
+    healthy: bool
+    reason: str = ""  # why not, in words for the log
+
+
+class HealthGuard:
+    def __init__(self, loss_spike_factor: float, max_param_growth: float):
+        self.loss_spike_factor = loss_spike_factor
+        self.max_param_growth = max_param_growth
+        self.recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self.param_norm: float | None = None  # global parameter norm after the last applied update
+        self.bad_in_a_row = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.bad_in_a_row == 0
+
+    def check_param_norm(self, param_norm: float) -> Verdict:
+        """The parameter norm after an update, against the one before it."""
+        before, self.param_norm = self.param_norm, param_norm
+        if not math.isfinite(param_norm):
+            return Verdict(False, f"the parameters hold NaN or Inf after the update (norm {param_norm})")
+        if self.max_param_growth and before and param_norm > self.max_param_growth * before:
+            return Verdict(False, f"the update grew the parameter norm {param_norm / before:.3g}x "
+                                  f"({before:.4g} -> {param_norm:.4g}; train.max_param_growth = {self.max_param_growth})")
+        return Verdict(True)
+
+    def check_step(self, loss: float, grad_norm: float) -> Verdict:
+        """A step's loss and gradient norm, before its update is applied."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return Verdict(False, f"non-finite loss {loss} or gradient norm {grad_norm}")
+        if self.loss_spike_factor and len(self.recent_losses) >= SPIKE_MIN_HISTORY:
+            reference = sum(self.recent_losses) / len(self.recent_losses)
+            if loss > self.loss_spike_factor * reference:
+                return Verdict(False, f"loss {loss:.4g} spiked to {loss / reference:.3g}x the recent mean "
+                                      f"{reference:.4g} (train.loss_spike_factor = {self.loss_spike_factor})")
+        return Verdict(True)
+
+    def record(self, verdict: Verdict, loss: float) -> None:
+        if verdict.healthy:
+            self.bad_in_a_row = 0
+            self.recent_losses.append(loss)
+        else:
+            self.bad_in_a_row += 1
+
+    def state_dict(self) -> dict:
+        return {"recent_losses": list(self.recent_losses), "param_norm": self.param_norm,
+                "bad_in_a_row": self.bad_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent_losses = deque(state["recent_losses"], maxlen=SPIKE_WINDOW)
+        self.param_norm = state["param_norm"]
+        self.bad_in_a_row = state["bad_in_a_row"]
