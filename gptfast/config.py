@@ -23,6 +23,12 @@ from gptfast.errors import ConfigError
 VOCAB_PAD_MULTIPLE = 64
 
 DTYPES = ("bfloat16", "float16", "float32")
+# A dataset name is one folder inside data_dir: no separators, no "..", nothing hidden.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_dataset_name(name: str) -> bool:
+    return bool(DATASET_NAME.fullmatch(name)) and ".." not in name
 # Activation recomputation ([recompute]): none keeps every activation for backward, selective
 # recomputes a block's cheap elementwise ops, full recomputes the whole block.
 RECOMPUTE_POLICIES = ("none", "selective", "full")
@@ -231,8 +237,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("model.vocab_size", f"token files hold uint16 ids, so at most 65536, got {m.vocab_size}")
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if not cfg.data.dataset or "/" in cfg.data.dataset:
-        fail("data.dataset", f"must be a plain dataset name, got {cfg.data.dataset!r}")
+    if not is_dataset_name(cfg.data.dataset):
+        fail("data.dataset", f"must be a plain dataset name (letters, digits, '.', '_', '-'; a folder inside "
+                             f"data.data_dir), got {cfg.data.dataset!r}")
     if o.lr <= 0:
         fail("optim.lr", f"must be positive, got {o.lr}")
     if not 0 <= o.min_lr <= o.lr:

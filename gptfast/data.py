@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from gptfast.config import DataConfig
+from gptfast.config import DataConfig, is_dataset_name
 from gptfast.files import atomic_write
 from gptfast.errors import DataError
 
@@ -61,9 +61,21 @@ class Document:
     text: str
 
 
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+# How undecodable bytes in an input file are handled: "strict" stops with an error naming the file,
+# "replace" substitutes U+FFFD and counts the files (prepare's --errors).
+DECODE_ERRORS = ("strict", "replace")
+
+
+def _read_text(path: str, errors: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start:,}: {e.reason}); convert it, leave it "
+                            "out, or pass --errors=replace to substitute U+FFFD for undecodable bytes") from None
+        return data.decode("utf-8", errors="replace")
 
 
 def stdlib_documents() -> list[str]:
@@ -121,37 +133,22 @@ class _Progress:
             self.last, self.shown = now, documents
 
 
-def file_documents(files: list[str]) -> Iterator[Document]:
+def file_documents(files: list[str], errors: str = "strict",
+                   log: Callable[[str], None] = print) -> Iterator[Document]:
+    replaced = 0
     for path in files:
-        yield Document(path, _read_text(path))
+        text = _read_text(path, errors)
+        replaced += "\ufffd" in text
+        yield Document(path, text)
+    if replaced:
+        log(f"warning: {replaced} input files held bytes that are not UTF-8; they were replaced by U+FFFD")
 
 
-def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Path, *, recipe: str,
-                    total: int | None = None, val_fraction: float = 0.005,
-                    split_by_tokens: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Tokenise `documents` into `out_root/name/{train,val}.bin` + `meta.json`.
-
-    Documents go whole to train or val by a hash of their name; with `split_by_tokens` (a corpus
-    of few documents) each document's last `val_fraction` of tokens goes to val instead.
-    Token files are streamed to disk in batches, so corpora larger than memory work.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    out = Path(out_root) / name
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create dataset folder {out}: {e}") from None
-    (out / "meta.json").unlink(missing_ok=True)  # the folder is unfinished until meta.json returns
-    enc = get_tokenizer()
+def _tokenise(documents, tmp_paths, enc, split_by_tokens, val_fraction, progress):
+    """Stream the documents' tokens into the temporary train/val files; (counts, max id, documents)."""
     eot = enc.eot_token
-    log(f"preparing dataset '{name}' ({recipe}): {f'{total:,} documents' if total else 'streaming'} -> {out}")
-    paths = {split: out / f"{split}.bin" for split in ("train", "val")}
-    tmp_paths = {split: p.with_suffix(".bin.tmp") for split, p in paths.items()}
     counts = {"train": 0, "val": 0}
     max_id, n_docs = 0, 0
-    progress = _Progress(total, log)
-    documents = iter(documents)
     with open(tmp_paths["train"], "wb") as train_file, open(tmp_paths["val"], "wb") as val_file:
         handles = {"train": train_file, "val": val_file}
         while batch := list(itertools.islice(documents, 64)):
@@ -174,6 +171,41 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
         for h in handles.values():
             h.flush()
             os.fsync(h.fileno())
+    return counts, max_id, n_docs
+
+
+def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Path, *, recipe: str,
+                    total: int | None = None, val_fraction: float = 0.005,
+                    split_by_tokens: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Tokenise `documents` into `out_root/name/{train,val}.bin` + `meta.json`.
+
+    Documents go whole to train or val by a hash of their name; with `split_by_tokens` (a corpus
+    of few documents) each document's last `val_fraction` of tokens goes to val instead.
+    Token files are streamed to disk in batches, so corpora larger than memory work.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not is_dataset_name(name):
+        raise DataError(f"dataset name {name!r} must be a plain name (letters, digits, '.', '_', '-'): the "
+                        "dataset is the folder of that name inside the data folder")
+    out = Path(out_root) / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create dataset folder {out}: {e}") from None
+    (out / "meta.json").unlink(missing_ok=True)  # the folder is unfinished until meta.json returns
+    enc = get_tokenizer()
+    eot = enc.eot_token
+    log(f"preparing dataset '{name}' ({recipe}): {f'{total:,} documents' if total else 'streaming'} -> {out}")
+    paths = {split: out / f"{split}.bin" for split in ("train", "val")}
+    tmp_paths = {split: p.with_suffix(".bin.tmp") for split, p in paths.items()}
+    try:
+        counts, max_id, n_docs = _tokenise(iter(documents), tmp_paths, enc, split_by_tokens, val_fraction,
+                                           _Progress(total, log))
+    except BaseException:
+        for p in tmp_paths.values():
+            p.unlink(missing_ok=True)
+        raise
     if counts["val"] == 0 or counts["train"] == 0:
         for p in tmp_paths.values():
             p.unlink(missing_ok=True)
@@ -193,9 +225,15 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
 
 def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None,
                    inputs: list[str] | None = None, val_fraction: float | None = None,
-                   log: Callable[[str], None] = print) -> Path:
-    """Run one of RECIPES; returns the dataset folder."""
+                   errors: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run one of RECIPES; returns the dataset folder. `errors` (DECODE_ERRORS) handles input
+    that is not UTF-8: strict by default, replace for the stdlib recipe (a few of the standard
+    library's own test files are deliberately not UTF-8)."""
     inputs = inputs or []
+    if name is not None and not is_dataset_name(name):
+        raise DataError(f"--name {name!r} must be a plain name (letters, digits, '.', '_', '-'): the dataset "
+                        "is the folder of that name inside --data-dir")
+    errors = errors or ("replace" if recipe == "stdlib" else "strict")
     if recipe == "stdlib":
         files = text_documents(inputs) if inputs else stdlib_documents()
         default_val = 0.01
@@ -220,7 +258,7 @@ def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None
     val_fraction = val_fraction or default_val
     # Whole documents make the cleaner val split, but with fewer than ~10 expected val documents
     # chance can leave it empty or unrepresentative: then every document gives its tail instead.
-    return prepare_dataset(name or recipe, file_documents(files), data_dir, recipe=recipe,
+    return prepare_dataset(name or recipe, file_documents(files, errors, log), data_dir, recipe=recipe,
                            total=len(files), val_fraction=val_fraction,
                            split_by_tokens=len(files) * val_fraction < 10, log=log)
 
@@ -280,6 +318,35 @@ def load_tokens(path: Path, vocab_size: int) -> np.memmap:
     return tokens
 
 
+def read_meta(folder: Path) -> dict:
+    """A prepared dataset's meta.json, checked: a JSON object whose recorded facts (token dtype,
+    tokenizer, token counts) agree with the folder. Hand-made datasets may leave facts out, or
+    the file (whether a dataset is finished is `ensure_prepared`'s question)."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}); prepare the dataset again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object, got {type(meta).__name__}; prepare the dataset again")
+    if meta.get("dtype", "uint16") != "uint16":
+        raise DataError(f"{path}: dtype {meta['dtype']!r}, but gptfast reads uint16 token files")
+    if meta.get("tokenizer", "gpt2") != "gpt2":
+        raise DataError(f"{path}: tokenizer {meta['tokenizer']!r}, but the model uses GPT-2's BPE")
+    for split in ("train", "val"):
+        recorded = meta.get(f"{split}_tokens")
+        if recorded is None:
+            continue
+        size = (folder / f"{split}.bin").stat().st_size if (folder / f"{split}.bin").exists() else None
+        if not isinstance(recorded, int) or (size is not None and size != recorded * TOKEN_DTYPE.itemsize):
+            raise DataError(f"{path} records {recorded!r} {split} tokens but {split}.bin holds "
+                            f"{None if size is None else size // TOKEN_DTYPE.itemsize:,}: the files do not belong "
+                            "together; prepare the dataset again")
+    return meta
+
+
 class TokenLoader:
     """Random (x, y) windows from a token file, a pure function of (seed, step, micro_step).
 
@@ -292,6 +359,7 @@ class TokenLoader:
     def __init__(self, folder: Path, vocab_size: int, block_size: int, batch_size: int,
                  seed: int, device: torch.device):
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
+        self.meta = read_meta(folder)
         self.tokens = {split: load_tokens(folder / f"{split}.bin", vocab_size) for split in self.SPLIT_IDS}
         for split, tokens in self.tokens.items():
             if len(tokens) < block_size + 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptfast.data import RECIPES, prepare_recipe
+from gptfast.data import DECODE_ERRORS, RECIPES, prepare_recipe
 from gptfast.errors import run_cli
 
 
@@ -21,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data", help="where datasets live (default: data)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="share of documents (of tokens, for a single document) held out for val")
+    parser.add_argument("--errors", choices=DECODE_ERRORS, default=None,
+                        help="input that is not UTF-8: strict stops and names the file (default; stdlib: "
+                             "replace), replace substitutes U+FFFD and counts the files")
     args = parser.parse_args(argv)
     return run_cli(lambda: prepare_recipe(args.recipe, args.data_dir, name=args.name, inputs=args.input,
-                                          val_fraction=args.val_fraction))
+                                          val_fraction=args.val_fraction, errors=args.errors))
 
 
 if __name__ == "__main__":

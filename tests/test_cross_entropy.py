@@ -214,3 +214,24 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight)), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_other_ignore_index(reduction):
+    """A non-default, in-vocabulary ignore_index through the chunked path: those rows count for
+    nothing, and every other row as F.cross_entropy counts it. Mutants caught: the kernel comparing
+    with -100 (or `target < 0`) instead of ignore_index, the linear path not passing it on."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    n_rows, width, vocab, ignore = 300, 24, 517, 7
+    hidden = torch.randn(n_rows, width, generator=gen).to(DEVICE).requires_grad_()
+    weight = (torch.randn(vocab, width, generator=gen) * 0.3).to(DEVICE).requires_grad_()
+    targets = make_targets(n_rows, vocab, gen, ignore_share=0.3, ignore_index=ignore)
+    targets[1] = 0  # a class below the ignore_index still counts
+    ours = linear_cross_entropy(hidden, weight, targets, ignore_index=ignore, reduction=reduction,
+                                chunk_bytes=vocab * 4 * 128)
+    want = F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore, reduction=reduction)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    go = grad_output_for(ours, gen)
+    for got, exp in zip(torch.autograd.grad(ours, (hidden, weight), go),
+                        torch.autograd.grad(want, (hidden, weight), go), strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)

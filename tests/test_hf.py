@@ -10,10 +10,14 @@ from gptfast.config import ModelConfig
 from gptfast.errors import CheckpointError
 from gptfast.model import GPT
 
-transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
+
+@pytest.fixture
+def transformers():
+    """Only the tests that use transformers skip without it (the sampler's tests run regardless)."""
+    return pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
 
 
-def random_hf_model(tmp_path, vocab=101, n_layer=2, n_head=2, n_embd=32, n_positions=48, seed=0):
+def random_hf_model(transformers, tmp_path, vocab=101, n_layer=2, n_head=2, n_embd=32, n_positions=48, seed=0):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                                      n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -35,8 +39,8 @@ def ours_from(folder) -> GPT:
 
 
 @pytest.mark.parametrize("n_layer, n_head, n_embd, n_positions", [(2, 2, 32, 48), (3, 4, 48, 17)])
-def test_init_from_gives_the_same_logits(tmp_path, n_layer, n_head, n_embd, n_positions):
-    theirs, folder = random_hf_model(tmp_path, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
+def test_init_from_gives_the_same_logits(transformers, tmp_path, n_layer, n_head, n_embd, n_positions):
+    theirs, folder = random_hf_model(transformers, tmp_path, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
     ours = ours_from(folder)
     assert (ours.config.n_layer, ours.config.block_size) == (n_layer, n_positions)
     idx = torch.randint(0, 101, (3, n_positions))
@@ -45,7 +49,7 @@ def test_init_from_gives_the_same_logits(tmp_path, n_layer, n_head, n_embd, n_po
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_export_loads_in_transformers_with_the_same_logits(tmp_path, bias):
+def test_export_loads_in_transformers_with_the_same_logits(transformers, tmp_path, bias):
     torch.manual_seed(1)
     cfg = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=20, vocab_size=77, bias=bias)
     ours = GPT(cfg).eval()
@@ -58,11 +62,11 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, bias):
     torch.testing.assert_close(ours_from(out)(idx), ours(idx), atol=0, rtol=0)
 
 
-def test_finetune_from_a_hf_directory_and_export(tiny_config, tmp_path):
+def test_finetune_from_a_hf_directory_and_export(transformers, tiny_config, tmp_path):
     from gptfast.export import main as export_main
     from gptfast.trainer import Trainer
 
-    theirs, folder = random_hf_model(tmp_path, vocab=50257, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+    theirs, folder = random_hf_model(transformers, tmp_path, vocab=50257, n_layer=2, n_head=2, n_embd=32, n_positions=32)
     messages = []
     trainer = Trainer(tiny_config({"train.init_from": f'"{folder}"', "model.n_layer": 5, "train.max_steps": 3}),
                       log=messages.append)
@@ -79,8 +83,8 @@ def test_finetune_from_a_hf_directory_and_export(tiny_config, tmp_path):
         torch.testing.assert_close(tuned(idx).logits, trainer.model.eval()(idx), atol=1e-5, rtol=1e-5)
 
 
-def test_incomplete_or_mismatched_directories(tmp_path):
-    _, folder = random_hf_model(tmp_path)
+def test_incomplete_or_mismatched_directories(transformers, tmp_path):
+    _, folder = random_hf_model(transformers, tmp_path)
     model = ours_from(folder)
     with pytest.raises(CheckpointError, match="config.json is missing"):
         hf.read_hf_config(tmp_path)

@@ -144,3 +144,14 @@ def test_recompute_under_torch_compile(policy):
     for a, b in zip(torch.autograd.grad(got, list(eager.parameters())),
                     torch.autograd.grad(want, list(eager.parameters())), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n_layer, n_head, n_embd, block_size, bias", [
+    (12, 12, 768, 1024, True), (24, 16, 1024, 1024, True), (3, 3, 96, 77, False), (1, 1, 8, 5, True)])
+def test_padded_param_count_formula_matches_the_model(n_layer, n_head, n_embd, block_size, bias):
+    from gptfast.memory import padded_param_count
+
+    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)
+    with torch.device("meta"):
+        built = sum(p.numel() for p in GPT(cfg).parameters())
+    assert padded_param_count(cfg) == built

@@ -136,3 +136,77 @@ def test_fused_kernels_match_the_pytorch_path(bias, switches):
     names = [name for name, _ in reference.named_parameters()]
     for name, got, want in zip(names, grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_ignored_targets_match_the_pytorch_path():
+    """Targets of -100 (padding in a finetuning batch) count for nothing in either path: the fused
+    loss and its gradients equal the PyTorch path's. Mutant caught: the CE kernel comparing the
+    target against a wrong ignore_index."""
+    from gptfast.config import KernelsConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(7)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)
+    reference = GPT(cfg).to(device)
+    fused = GPT(cfg, KernelsConfig(cross_entropy=True)).to(device)
+    fused.load_state_dict(reference.state_dict())
+    x, y = torch.randint(0, 97, (2, 3, 16), device=device)
+    y[0, :5] = -100
+    y[2, 9:] = -100
+    results = []
+    for model in (reference, fused):
+        loss = model(x, y)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    kept = y != -100  # and the loss is the mean over the kept positions only
+    logits = reference(x)
+    torch.testing.assert_close(results[0][0], torch.nn.functional.cross_entropy(logits[kept], y[kept]))
+
+
+def test_autocast_hands_each_kernel_its_dtypes(monkeypatch):
+    """The production GPU path, run on the CPU under bf16 autocast: the residual stream stays fp32,
+    the LayerNorm kernels write bf16 for the next matmul, and the fused loss gets bf16 hidden states
+    with a bf16 compute dtype; kernels on and off agree within bf16 rounding. Mutant caught: a
+    model that ignores autocast (out_dtype / compute_dtype left None)."""
+    import kernels
+    from gptfast.config import KernelsConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = []
+
+    def spy(name, fn, pick):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.append((name,) + pick(args, kwargs, out))
+            return out
+        monkeypatch.setattr(kernels, name, wrapped)
+
+    spy("layer_norm", kernels.layer_norm, lambda a, k, out: (a[0].dtype, out.dtype))
+    spy("add_layer_norm", kernels.add_layer_norm, lambda a, k, out: (a[0].dtype, a[1].dtype, out[0].dtype, out[1].dtype))
+    spy("linear_cross_entropy", kernels.linear_cross_entropy,
+        lambda a, k, out: (a[0].dtype, a[1].dtype, k["compute_dtype"]))
+    torch.manual_seed(8)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=101)
+    reference = GPT(cfg).to(device)
+    fused = GPT(cfg, KernelsConfig(layernorm=True, cross_entropy=True)).to(device)
+    fused.load_state_dict(reference.state_dict())
+    x, y = torch.randint(0, 101, (2, 4, 16), device=device)
+    results = []
+    for model in (reference, fused):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(x, y)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    bf16, fp32 = torch.bfloat16, torch.float32
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        assert reference(x).dtype == bf16  # the PyTorch path's lm_head runs in bf16 too
+    assert seen[0] == ("layer_norm", fp32, bf16)  # embedding stream in, bf16 for the first matmul out
+    assert [s for s in seen if s[0] == "add_layer_norm"] == [("add_layer_norm", bf16, fp32, bf16, fp32)] * 4
+    assert seen[-1] == ("linear_cross_entropy", bf16, fp32, bf16)
+    assert results[1][0].dtype == fp32
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=2e-2)
+    for (name, _), got, want in zip(reference.named_parameters(), results[1][1], results[0][1], strict=True):
+        assert got.dtype == want.dtype == fp32, name
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 3e-2, (name, rel)  # bf16 matmuls in both; a dropped scale or sign is far beyond this

@@ -198,3 +198,33 @@ def test_golden_trajectory_with_fused_kernels(tiny_config, tmp_path):
     for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
         for (step, want), (_, got) in zip(records(tmp_path / "off", key), records(tmp_path / "on", key), strict=True):
             assert got == pytest.approx(want, rel=rel, abs=1e-6), (key, step)
+
+
+def test_accumulation_equals_one_large_batch(tiny_config):
+    """k micro-batches of b give the loss, gradients and gradient norm of one batch of k*b (fp32).
+    Mutant caught: dropping the `/ local_steps` scaling in Trainer.train_step (gradients k times
+    too large, loss the sum instead of the mean)."""
+    import copy
+
+    trainer = Trainer(tiny_config({"train.grad_accum_steps": 3, "train.micro_batch_size": 2, "optim.grad_clip": 0.0}),
+                      log=quiet)
+    reference = copy.deepcopy(trainer.model)  # the weights before the step
+    captured = {}
+    apply_update = trainer._optimizer_step
+
+    def capture_then_apply():
+        captured["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
+        apply_update()
+
+    trainer._optimizer_step = capture_then_apply
+    loss, grad_norm, verdict = trainer.train_step()
+    trainer.close()
+    assert verdict.healthy and "grads" in captured
+    xs, ys = zip(*(trainer.loader.batch("train", 0, i) for i in range(3)), strict=True)
+    want_loss = reference(torch.cat(xs), torch.cat(ys))  # one batch of 6 sequences
+    want_grads = torch.autograd.grad(want_loss, list(reference.parameters()))
+    torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(captured["grads"], want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_norm, torch.linalg.vector_norm(torch.stack([g.norm() for g in want_grads])),
+                               rtol=1e-5, atol=0)
