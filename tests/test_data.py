@@ -137,3 +137,49 @@ def test_prepare_cli_exit_code(tmp_path, capsys):
     assert main(["text", "--input", str(tmp_path / "absent.txt"), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_dataset_names_stay_inside_the_data_folder(tmp_path, capsys):
+    from gptfast.prepare import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world " * 50)
+    data = tmp_path / "data"
+    for name in ("../../x", "..", "a/b", ".hidden"):
+        assert main(["text", "--name", name, "--input", str(src), "--data-dir", str(data)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "must be a plain name" in err[0], err
+    assert not data.exists() and not (tmp_path / "x").exists()
+
+
+def test_non_utf8_input_is_an_error_unless_replaced(tmp_path, capsys):
+    from gptfast.prepare import main
+
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("plain text " * 200)
+    bad.write_bytes(b"caf\xe9 latin-1 " * 200)
+    data = tmp_path / "data"
+    argv = ["text", "--name", "mixed", "--input", str(good), str(bad), "--data-dir", str(data)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.txt is not UTF-8" in err[0] and "--errors=replace" in err[0], err
+    assert not (data / "mixed" / "meta.json").exists() and not list((data / "mixed").glob("*.tmp"))
+    assert main(argv + ["--errors", "replace"]) == 0
+    assert "1 input files held bytes that are not UTF-8" in capsys.readouterr().out
+    assert (data / "mixed" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ("{not json", "is not readable JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"dtype": "int32"}', "gptfast reads uint16"),
+    ('{"train_tokens": 5}', "records 5 train tokens"),
+])
+def test_a_malformed_meta_json_is_refused(data_dir, tmp_path, meta, needle):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(data_dir / "small", folder)
+    (folder / "meta.json").write_text(meta)
+    with pytest.raises(DataError, match=needle):
+        make_loader(folder)

@@ -36,43 +36,55 @@ def train_cmd(data_dir, out_dir, *extra):
 
 @pytest.mark.slow
 def test_kill_at_random_moments_then_resume_exactly(data_dir, tmp_path):
-    """20 trials: SIGKILL a real trainer at a random moment (mid-step or mid-checkpoint-write);
-    the newest checkpoint always loads, and resuming reproduces the uninterrupted losses bit for bit."""
+    """20 trials SIGKILL a real trainer: 10 at a random moment, 10 aimed at checkpoint writes (the
+    kill is sent the moment a temporary checkpoint file appears). The newest checkpoint always
+    loads, and resuming reproduces the uninterrupted losses bit for bit."""
     reference = tmp_path / "reference"
     subprocess.run(train_cmd(data_dir, reference), check=True, capture_output=True, timeout=600)
     want = losses(reference)
     assert sorted(want) == list(range(1, 13))
     rng = random.Random(os.getpid())
-    start_up, kills = None, 0
-    for trial in range(21):  # trial 0 times a whole run; 20 trials kill
+    start_up, kills, mid_write = None, 0, 0
+    for trial in range(21):  # trial 0 times a whole run; 1-10 kill at random, 11-20 during a write
         out = tmp_path / f"trial{trial}"
         began = time.perf_counter()
         proc = subprocess.Popen(train_cmd(data_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if start_up is None:  # learn how long a run takes, then kill anywhere inside it
             proc.wait(timeout=600)
             start_up = time.perf_counter() - began
-            delay = None
-        else:
-            delay = rng.uniform(0.2 * start_up, 0.85 * start_up)
+        elif trial <= 10:
             try:
-                proc.wait(timeout=delay)
+                proc.wait(timeout=rng.uniform(0.2 * start_up, 0.85 * start_up))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+        else:
+            skip = rng.randrange(0, 8)  # which write to hit: a later one each time
+            seen: set[str] = set()
+            while proc.poll() is None:
+                writing = [p.name for p in out.glob(".ckpt_*.tmp")] if out.exists() else []
+                fresh = [name for name in writing if name not in seen]
+                if fresh and len(seen) >= skip:
+                    proc.kill()
+                    break
+                seen.update(fresh)
+        proc.wait()
+        if trial > 10 and proc.returncode == -signal.SIGKILL and list(out.glob(".ckpt_*.tmp")):
+            mid_write += 1  # the kill left a half-written checkpoint behind: it landed inside the write
         newest = ckpt.latest_checkpoint(out)
         if newest is not None:
             assert ckpt.load_checkpoint(newest)["step"] == int(newest.stem.split("_")[1])
         resumed = subprocess.run(train_cmd(data_dir, out), capture_output=True, text=True, timeout=600)
-        assert resumed.returncode == 0, (trial, delay, resumed.stderr)
-        assert losses(out) == want, (trial, delay)
+        assert resumed.returncode == 0, (trial, resumed.stderr)
+        assert losses(out) == want, trial
         assert not list(out.glob(".*.tmp"))  # what a kill left half-written is cleared on resume
         assert all(p.with_name(p.name + ".sha256").exists() for p in ckpt.list_checkpoints(out))
         kills += proc.returncode == -signal.SIGKILL
     assert kills >= 15  # the trials did kill, not wait for runs that had finished
+    assert mid_write >= 5, mid_write  # and at least half of the aimed kills provably landed mid-write
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_finishes_the_step_checkpoints_and_exits_0(data_dir, tmp_path, sig):
     out = tmp_path / "run"
     cmd = train_cmd(data_dir, out, "--train.max_steps=100000", "--train.checkpoint_interval=100000")
