@@ -21,6 +21,28 @@ if not torch.cuda.is_available():
 from bench.common import (RESULTS_DIR, bench_device, describe_device, measure_bandwidth,  # noqa: E402
                           sample_power, slug, write_results)
 
+class JsonReport(os.PathLike):
+    """What --benchmark-json is set to when the user gave none. pytest-benchmark >= 5.3 takes a
+    path and opens it; older versions take an open file and write in `with json as f:`. This is
+    both, and creates the file only when the report is written (no empty file on a crash)."""
+
+    def __init__(self, path):
+        self.path, self._file = path, None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __enter__(self):
+        self._file = open(self.path, "wb")
+        return self._file
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
 STEM = pytest.StashKey[str]()
 ROWS = pytest.StashKey[list]()
 INFO = pytest.StashKey[object]()
@@ -42,7 +64,7 @@ def pytest_configure(config):
     config.stash[BANDWIDTH] = {}
     if config.getoption("benchmark_only", False) and config.getoption("benchmark_json", None) is None:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = open(RESULTS_DIR / f"{config.stash[STEM]}.pytest-benchmark.json", "wb")
+        config.option.benchmark_json = JsonReport(RESULTS_DIR / f"{config.stash[STEM]}.pytest-benchmark.json")
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,8 @@ def cross_entropy_ref(logits, targets, ignore_index=-100, reduction="mean"):
     """F.cross_entropy with the math in fp32 (or fp64 for an fp64 input), as the kernels do."""
     return F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
                            ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reduction="mean"):
+    """The unfused linear + cross-entropy: the whole (N, V) logits, then cross_entropy_ref."""
+    return cross_entropy_ref(F.linear(hidden, weight), targets, ignore_index, reduction)

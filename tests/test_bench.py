@@ -10,6 +10,10 @@ from gptfast.config import parse_bytes
 from bench.common import DeviceInfo, Row, bandwidth_row, format_table, peak_flops, speedups, write_results
 
 
+REPO_ROOT = common.RESULTS_DIR.parents[1]
+RESULTS = common.RESULTS_DIR
+
+
 def info(kind="cuda", name="NVIDIA GeForce RTX 4070"):
     return DeviceInfo(kind, name, name, "2.13.0", "3.9.0", "abc123")
 
@@ -65,3 +69,29 @@ def test_parse_bytes_rejects_garbage():
         parse_bytes("twelve")
     with pytest.raises(ValueError, match="expected a size"):
         parse_bytes("1024")  # a unit is required: bytes or GiB is not a guess worth making
+
+
+@pytest.mark.slow
+def test_the_benchmark_command_runs_and_writes_its_results(tmp_path):
+    """The README's `pytest bench --benchmark-only`, at the CPU's smallest cases, end to end: every
+    bench_*.py runs and the session writes pytest-benchmark's JSON, ours and the markdown table
+    (a crash at the end of the session once left no results and a 0-byte file)."""
+    import subprocess
+    import sys
+
+    before = set(RESULTS.glob("cpu_*"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    new = sorted(set(RESULTS.glob("cpu_*")) - before)
+    try:
+        suffixes = sorted(p.name.split(".", 1)[1] for p in new)
+        assert suffixes == ["json", "md", "pytest-benchmark.json"], new
+        assert all(p.stat().st_size > 0 for p in new)
+        ours = next(p for p in new if p.name.endswith(".json") and not p.name.endswith("pytest-benchmark.json"))
+        suites = {row["suite"] for row in json.loads(ours.read_text())["rows"]}
+        assert {"layernorm", "cross_entropy", "linear_cross_entropy", "adamw", "train"} <= suites, suites
+        assert json.loads(next(p for p in new if p.name.endswith("pytest-benchmark.json")).read_text())["benchmarks"]
+    finally:
+        for path in new:
+            path.unlink()
