@@ -10,7 +10,6 @@ the run directory is touched. `run()` then trains to train.max_steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from gptfast import checkpoint as ckpt
 from gptfast.config import Config, config_changes, to_toml
 from gptfast.data import TokenLoader, dataset_dir, ensure_prepared, get_tokenizer
-from gptfast.device import (DistInfo, autocast_dtype, device_name, join_process_group, memory_capacity_bytes,
-                            resolve_device)
+from gptfast.device import DistInfo, autocast_dtype, device_name, join_process_group, resolve_device
 from gptfast.errors import CheckpointError, ConfigError, TrainingDiverged
 from gptfast.hardware import mfu, peak_bf16_flops
 from gptfast.health import HealthGuard, Verdict
 from gptfast.metrics import finite_or_none, format_step
 from gptfast.model import GPT, triton_unavailable_reason
 from gptfast.optim import FusedAdamW, build_optimizer, lr_at
+from gptfast.resolve import resolve_config
 from gptfast.rundir import RunDir
 
 
@@ -46,38 +45,6 @@ class TrainResult:
 
 def _silent(_: str) -> None:
     pass
-
-
-def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None,
-                   log: Callable[[str], None]) -> Config:
-    """The config the run trains with: the architecture of train.init_from, the micro-batch and
-    recomputation of train.memory_budget's plan. Raises ConfigError when the result cannot fit
-    the device at all (before anything is allocated or written)."""
-    from gptfast import memory
-
-    t = cfg.train
-    if t.init_from:  # the architecture is the pretrained checkpoint's, on resume too
-        from gptfast import hf
-
-        hf_model = hf.model_config_from_hf(hf.read_hf_config(Path(t.init_from)), cfg.model.dropout)
-        cfg = dataclasses.replace(cfg, model=hf_model)
-    act_bytes = 2 if amp_dtype is not None else 4
-    if t.memory_budget:
-        chosen = memory.plan(cfg, memory.budget_bytes(t.memory_budget, "train.memory_budget"), act_bytes)
-        memory.format_plan(chosen, log)
-        cfg = memory.apply_plan(cfg, chosen.choice)
-    triton_ok = triton_unavailable_reason(device) is None
-    need = memory.predict_peak(cfg, cfg.train.micro_batch_size, cfg.recompute.policy, cfg.recompute.every,
-                               act_bytes, cfg.kernels.cross_entropy and triton_ok,
-                               cfg.kernels.adamw and triton_ok).peak_bytes
-    capacity = memory_capacity_bytes(device)
-    if need > capacity:
-        raise ConfigError(
-            f"this model and micro-batch need about {memory.format_bytes(need)} (predicted peak: "
-            f"{memory.padded_param_count(cfg.model):,} parameters, micro-batch {cfg.train.micro_batch_size} x "
-            f"{cfg.model.block_size} tokens) but {device_name(device)} has {memory.format_bytes(capacity)}; "
-            "use a smaller model or micro-batch, or set train.memory_budget")
-    return cfg
 
 
 class Trainer:

@@ -12,7 +12,6 @@ import torch
 
 from conftest import REPO, tiny_overrides
 from gptfast import checkpoint as ckpt
-from gptfast.errors import RunDirError
 from gptfast.train import main as train_main
 from gptfast.trainer import Trainer
 
