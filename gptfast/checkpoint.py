@@ -74,10 +74,16 @@ def run_files(out_dir: str | Path, after_step: int = -1) -> list[Path]:
     return files
 
 
+def intact_note(out_dir: str | Path) -> str:
+    """What a failed write leaves: said in every write error, so the user knows what to resume from."""
+    newest = latest_checkpoint(out_dir, healthy_only=True)
+    return f"the newest healthy checkpoint {newest} is intact" if newest else "no healthy checkpoint was written yet"
+
+
 def mark_unhealthy(path: Path) -> None:
     marker = unhealthy_marker(path)
     if path.exists() and not marker.exists():
-        atomic_write(marker, lambda f: f.write(b"written with weights that later gave a loss spike\n"))
+        atomic_write(marker, lambda f: f.write(b"holds the weights that the next step found unhealthy\n"))
 
 
 class _HashingWriter:
@@ -125,9 +131,7 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int, heal
         cause = e if isinstance(e, OSError) else (writer.error if writer is not None else None)
         if cause is None:  # a RuntimeError that is not a failed write is a bug: keep its traceback
             raise
-        newest = latest_checkpoint(out_dir, healthy_only=True)
-        intact = f"the newest healthy checkpoint {newest} is intact" if newest else "no earlier checkpoint exists"
-        raise RunDirError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {intact}") from None
+        raise RunDirError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {intact_note(out_dir)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -42,9 +42,7 @@ class RunDir:
         return self.path / ".lock"
 
     def _write_failed(self, what: Path, error: OSError) -> RunDirError:
-        newest = ckpt.latest_checkpoint(self.path, healthy_only=True)
-        intact = f"the newest healthy checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
-        return RunDirError(f"cannot write {what}: {error.strerror or error}; {intact}")
+        return RunDirError(f"cannot write {what}: {error.strerror or error}; {ckpt.intact_note(self.path)}")
 
     # -- ownership -------------------------------------------------------------------------------
 
