@@ -18,7 +18,14 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
-        # only the tests use transformers: to check that exported checkpoints load there
+        # transformers: to load an exported checkpoint there (the tests check that it loads)
         "hf": ["transformers>=4.40"],
+        # [log] backends
+        "tensorboard": ["tensorboard>=2.12"],
+        "wandb": ["wandb>=0.16"],
+        # python -m gptfast.plot
+        "plot": ["matplotlib>=3.7"],
+        # the peer kernel libraries the benchmarks race against
+        "peers": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
     },
 )

@@ -27,6 +27,14 @@ DTYPES = ("bfloat16", "float16", "float32")
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+# `python -m gptfast.prepare` recipes; those that need no arguments and no network let a config
+# naming them prepare its dataset on its own.
+RECIPES = ("stdlib", "shakespeare", "text")
+OFFLINE_RECIPES = ("stdlib",)
+# How input that is not UTF-8 is handled when a corpus is read.
+DECODE_ERRORS = ("strict", "replace")
+
+
 def is_dataset_name(name: str) -> bool:
     return bool(DATASET_NAME.fullmatch(name)) and ".." not in name
 # Activation recomputation ([recompute]): none keeps every activation for backward, selective
@@ -34,6 +42,9 @@ def is_dataset_name(name: str) -> bool:
 RECOMPUTE_POLICIES = ("none", "selective", "full")
 # Sections that were renamed: an old name is an error that names the new one.
 RENAMED_SECTIONS = {"checkpointing": "recompute"}
+# Where metrics go ([log] backends); each but jsonl needs its optional extra (setup.py).
+LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 def _field(default, doc: str):
@@ -127,6 +138,18 @@ class RecomputeConfig:
 
 
 @dataclass
+class LogConfig:
+    backends: tuple[str, ...] = _field(("jsonl",), "where metrics go: jsonl (out_dir/metrics.jsonl), tensorboard "
+                                                  "(event files in out_dir/tensorboard), wandb")
+    progress_seconds: float = _field(10.0, "a progress line within an optimizer step or an evaluation that runs "
+                                           "longer than this many seconds; 0 for none")
+    wandb_project: str = _field("gptfast", "Weights & Biases project")
+    wandb_run_name: str = _field("", "Weights & Biases run name; empty: the name of train.out_dir")
+    wandb_mode: str = _field("", "online, offline (no account needed; sync later) or disabled; empty: "
+                                 "wandb's own default (WANDB_MODE, else online)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +157,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def tokens_per_step(self) -> int:
@@ -154,6 +178,8 @@ def _suggest(name: str, choices) -> str:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
     if typing.get_origin(tp) is tuple:
         return "a list of " + ", ".join(t.__name__ for t in typing.get_args(tp))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
@@ -172,6 +198,11 @@ def _coerce(value, tp, where: str):
             value = float(value)
     elif tp is str:
         ok = isinstance(value, str)
+    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[X, ...]
+        if isinstance(value, str):  # --log.backends=jsonl,tensorboard from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, typing.get_args(tp)[0], where) for v in value)
     elif typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -284,6 +315,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("recompute.policy", f"expected one of {', '.join(RECOMPUTE_POLICIES)}, got {cfg.recompute.policy!r}")
     if cfg.recompute.every <= 0:
         fail("recompute.every", f"must be positive, got {cfg.recompute.every}")
+    for backend in cfg.log.backends:
+        if backend not in LOG_BACKENDS:
+            fail("log.backends", f"unknown backend {backend!r}{_suggest(backend, LOG_BACKENDS)}")
+    if len(set(cfg.log.backends)) != len(cfg.log.backends):
+        fail("log.backends", f"names a backend twice: {list(cfg.log.backends)}")
+    if cfg.log.progress_seconds < 0:
+        fail("log.progress_seconds", f"must be >= 0 (0: no progress lines), got {cfg.log.progress_seconds}")
+    if cfg.log.wandb_mode not in WANDB_MODES:
+        fail("log.wandb_mode", f"expected online, offline, disabled or empty, got {cfg.log.wandb_mode!r}")
 
 
 # On resume, a change to one of these changes the training trajectory (the data windows, the batch,
@@ -363,6 +403,24 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{source}: {section}: expected a [{section}] table")
         raw.setdefault(section, {})[key] = value
     return config_from_dict(raw, f"{source} (with command-line overrides)" if overrides else source)
+
+
+def describe_keys(width: int = 100) -> str:
+    """Every config key as `--section.key=DEFAULT  doc`, section by section: the train CLI's help,
+    generated from the dataclasses' field docs so it cannot fall behind them."""
+    import textwrap
+
+    lines = []
+    for section, cls in SECTION_TYPES.items():
+        lines.append(f"[{section}]")
+        defaults = dataclasses.asdict(cls())
+        for f in dataclasses.fields(cls):
+            head = f"  --{section}.{f.name}={_toml_value(defaults[f.name])}"
+            doc = f.metadata.get("doc", "")
+            wrapped = textwrap.wrap(doc, width - 8) or [""]
+            lines.append(head)
+            lines.extend(f"        {part}" for part in wrapped)
+    return "\n".join(lines)
 
 
 def _toml_value(value) -> str:

@@ -12,6 +12,7 @@ Recipes (`python -m gptfast.prepare RECIPE`):
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import itertools
@@ -27,16 +28,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from gptfast.config import DataConfig, is_dataset_name
+from gptfast.config import OFFLINE_RECIPES, RECIPES, DataConfig, is_dataset_name
 from gptfast.files import atomic_write
 from gptfast.errors import DataError
 
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits: half the bytes of int32
 GPT2_VOCAB_SIZE = 50257
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-RECIPES = ("stdlib", "shakespeare", "text")
-# Recipes that need no arguments and no network, so a config naming them can prepare on its own.
-OFFLINE_RECIPES = ("stdlib",)
 
 
 def get_tokenizer():
@@ -63,7 +61,6 @@ class Document:
 
 # How undecodable bytes in an input file are handled: "strict" stops with an error naming the file,
 # "replace" substitutes U+FFFD and counts the files (prepare's --errors).
-DECODE_ERRORS = ("strict", "replace")
 
 
 def _read_text(path: str, errors: str) -> str:
@@ -174,9 +171,55 @@ def _tokenise(documents, tmp_paths, enc, split_by_tokens, val_fraction, progress
     return counts, max_id, n_docs
 
 
+LOCK_NAME = ".lock"
+
+
+def lock_dataset(folder: Path, exclusive: bool):
+    """An advisory lock on a dataset folder: shared while a loader reads it, exclusive while it is
+    prepared. Returns the open lock file (closing it releases the lock), or None where the folder
+    cannot hold one (read-only data). Raises DataError when the other kind is held."""
+    try:
+        handle = open(folder / LOCK_NAME, "a+b")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        if exclusive:
+            raise DataError(f"dataset {folder} is being read by a running training job (or prepared by another "
+                            "process); prepare into another --name, or stop that job first") from None
+        raise DataError(f"dataset {folder} is being prepared by another process; wait for it to finish") from None
+    return handle
+
+
+def inputs_fingerprint(files: list[str], **settings) -> str:
+    """What a prepared dataset was made from: each input's path, size and modification time, and
+    the settings. The same fingerprint means preparing again would write the same files."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in files:
+        try:
+            st = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def already_prepared(folder: Path, fingerprint: str) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        return (meta.get("inputs_fingerprint") == fingerprint
+                and (folder / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+                and (folder / "val.bin").stat().st_size == 2 * meta["val_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Path, *, recipe: str,
                     total: int | None = None, val_fraction: float = 0.005,
-                    split_by_tokens: bool = False, log: Callable[[str], None] = print) -> Path:
+                    split_by_tokens: bool = False, log: Callable[[str], None] = print,
+                    fingerprint: str | None = None) -> Path:
     """Tokenise `documents` into `out_root/name/{train,val}.bin` + `meta.json`.
 
     Documents go whole to train or val by a hash of their name; with `split_by_tokens` (a corpus
@@ -193,6 +236,15 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create dataset folder {out}: {e}") from None
+    lock = lock_dataset(out, exclusive=True)  # not while a training job reads these files
+    try:
+        return _prepare_locked(name, documents, out, recipe, total, val_fraction, split_by_tokens, log, fingerprint)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _prepare_locked(name, documents, out, recipe, total, val_fraction, split_by_tokens, log, fingerprint) -> Path:
     (out / "meta.json").unlink(missing_ok=True)  # the folder is unfinished until meta.json returns
     enc = get_tokenizer()
     eot = enc.eot_token
@@ -216,7 +268,7 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
         os.replace(tmp_paths[split], paths[split])
     meta = {"name": name, "recipe": recipe, "tokenizer": "gpt2", "vocab_size": enc.n_vocab,
             "eot_token": eot, "dtype": "uint16", "max_token_id": max_id, "documents": n_docs,
-            "train_tokens": counts["train"], "val_tokens": counts["val"]}
+            "train_tokens": counts["train"], "val_tokens": counts["val"], "inputs_fingerprint": fingerprint}
     text = json.dumps(meta, indent=2).encode()
     atomic_write(out / "meta.json", lambda f: f.write(text))
     log(f"dataset '{name}': {counts['train']:,} train tokens, {counts['val']:,} val tokens")
@@ -225,7 +277,7 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
 
 def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None,
                    inputs: list[str] | None = None, val_fraction: float | None = None,
-                   errors: str | None = None, log: Callable[[str], None] = print) -> Path:
+                   errors: str | None = None, log: Callable[[str], None] = print, force: bool = False) -> Path:
     """Run one of RECIPES; returns the dataset folder. `errors` (DECODE_ERRORS) handles input
     that is not UTF-8: strict by default, replace for the stdlib recipe (a few of the standard
     library's own test files are deliberately not UTF-8)."""
@@ -256,11 +308,17 @@ def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None
     else:
         raise DataError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
     val_fraction = val_fraction or default_val
+    folder = Path(data_dir) / (name or recipe)
+    fingerprint = inputs_fingerprint(files, recipe=recipe, val_fraction=val_fraction, errors=errors)
+    if not force and already_prepared(folder, fingerprint):
+        log(f"dataset '{name or recipe}' is already prepared from the same inputs ({folder}); nothing to do "
+            "(--force prepares it again)")
+        return folder
     # Whole documents make the cleaner val split, but with fewer than ~10 expected val documents
     # chance can leave it empty or unrepresentative: then every document gives its tail instead.
     return prepare_dataset(name or recipe, file_documents(files, errors, log), data_dir, recipe=recipe,
                            total=len(files), val_fraction=val_fraction,
-                           split_by_tokens=len(files) * val_fraction < 10, log=log)
+                           split_by_tokens=len(files) * val_fraction < 10, log=log, fingerprint=fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +417,7 @@ class TokenLoader:
     def __init__(self, folder: Path, vocab_size: int, block_size: int, batch_size: int,
                  seed: int, device: torch.device):
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
+        self.lock = lock_dataset(folder, exclusive=False)  # `prepare` waits until this loader is closed
         self.meta = read_meta(folder)
         self.tokens = {split: load_tokens(folder / f"{split}.bin", vocab_size) for split in self.SPLIT_IDS}
         for split, tokens in self.tokens.items():
@@ -366,6 +425,12 @@ class TokenLoader:
                 raise DataError(f"the {split} split of {folder} has {len(tokens):,} tokens, fewer than "
                                 f"block_size + 1 = {block_size + 1}: lower model.block_size or add data")
         self.pin = device.type == "cuda"
+
+    def close(self) -> None:
+        """Release the dataset's shared lock (the process's exit does too)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def batch(self, split: str, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (batch_size, block_size) int64 on the device; y is x shifted by one token."""

@@ -44,6 +44,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_threads(dist_info: DistInfo) -> int:
+    """Threads for this process's CPU ops: the machine's cores shared among the processes of this
+    machine. torchrun sets OMP_NUM_THREADS=1 for every process it starts (one thread each, however
+    many cores); alone, torch's default (the physical cores) is kept. An explicit setting of the
+    user's wins: GPTFAST_CPU_THREADS."""
+    if os.environ.get("GPTFAST_CPU_THREADS"):
+        return max(1, int(os.environ["GPTFAST_CPU_THREADS"]))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if dist_info.world_size == 1:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_processes)
+
+
 def autocast_dtype(device: torch.device, dtype_name: str) -> torch.dtype | None:
     """The autocast dtype a run uses on `device`: train.dtype on CUDA; None (fp32) on the CPU,
     which has no fast bf16 matmuls worth the rounding."""

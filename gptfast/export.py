@@ -6,10 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptfast.checkpoint import load_checkpoint
-from gptfast.config import config_from_dict
 from gptfast.errors import run_cli
-from gptfast.hf import export_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def export():
+        from gptfast.checkpoint import load_checkpoint  # after parsing: --help needs no torch
+        from gptfast.config import config_from_dict
+        from gptfast.hf import export_hf
+
         state = load_checkpoint(args.checkpoint)
         cfg = config_from_dict(state["config"], f"{state['path']} (config)")
         out = export_hf(state["model"], cfg.model, args.out_dir)

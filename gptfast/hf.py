@@ -16,6 +16,7 @@ import torch
 
 from gptfast.config import ModelConfig
 from gptfast.errors import CheckpointError
+from gptfast.files import default_file_mode
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # config.json values under which the checkpoint computes what gptfast's GPT computes
@@ -138,6 +139,7 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: s
         tensors.setdefault("transformer.ln_f.bias", torch.zeros(cfg.n_embd))
     tmp = out / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, default_file_mode())  # safetensors creates its file 0600; config.json beside it is 0644
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config_of(cfg), indent=2) + "\n")
     return out

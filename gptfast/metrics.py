@@ -8,6 +8,8 @@ import math
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
+    if hours >= 48:
+        return f"{hours // 24}d{hours % 24:02d}h"
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 

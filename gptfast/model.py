@@ -129,6 +129,11 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
+        # 0 for the real vocabulary, -inf for the padding columns: added to the training logits.
+        # Not a parameter and not saved: it is a function of the config.
+        logit_mask = torch.zeros(cfg.padded_vocab_size)
+        logit_mask[cfg.vocab_size:] = float("-inf")
+        self.register_buffer("logit_mask", logit_mask, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -231,13 +236,16 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx)  # (B, T, C)
         if targets is not None and self.kernel_cfg.cross_entropy and triton_unavailable_reason(idx.device) is None:
             return self._fused_loss(hidden, targets)
-        logits = self.lm_head(hidden)  # (B, T, V_pad)
-        # The padding columns are sliced off, so the softmax runs over the real vocabulary only: a
-        # zero padding row would otherwise give logit 0, which dominates trained GPT-2's logits.
-        logits = logits[..., : self.config.vocab_size]  # (B, T, V)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+            return self.lm_head(hidden)[..., : self.config.vocab_size]  # (B, T, V), a view
+        # The padding columns get logit -inf from a bias of (0, ..., 0, -inf, ...), so the softmax
+        # runs over the real vocabulary only (a zero padding row would otherwise give logit 0, which
+        # dominates trained GPT-2's logits). The bias rides in the matmul (its epilogue on CUDA), the
+        # matmul keeps its aligned 50304-wide output, and autocast picks the loss dtype (fp32 for
+        # cross_entropy). Slicing the columns off and casting instead copied the whole logits:
+        # 1.21x slower per step than nanoGPT's loss on the CPU (bench/bench_nanogpt.py).
+        logits = F.linear(hidden, self.lm_head.weight, self.logit_mask)  # (B, T, V_pad)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def _fused_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean cross-entropy through the fused linear + cross-entropy kernel: the (B*T, V)

@@ -8,7 +8,6 @@ import sys
 
 from gptfast.config import load_config
 from gptfast.errors import run_cli
-from gptfast.memory import budget_bytes, format_plan, plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
 
     def show():
+        from gptfast.memory import budget_bytes, format_plan, plan  # after parsing: --help needs no torch
         cfg = load_config(args.config, overrides)
         format_plan(plan(cfg, budget_bytes(args.budget, "--budget"), act_bytes=4 if args.fp32 else 2))
 

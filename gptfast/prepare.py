@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptfast.data import DECODE_ERRORS, RECIPES, prepare_recipe
+from gptfast.config import DECODE_ERRORS, RECIPES
 from gptfast.errors import run_cli
 
 
@@ -24,9 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--errors", choices=DECODE_ERRORS, default=None,
                         help="input that is not UTF-8: strict stops and names the file (default; stdlib: "
                              "replace), replace substitutes U+FFFD and counts the files")
+    parser.add_argument("--force", action="store_true",
+                        help="prepare again even when the dataset was already prepared from the same inputs")
     args = parser.parse_args(argv)
+    from gptfast.data import prepare_recipe  # after parsing: --help needs no torch
+
     return run_cli(lambda: prepare_recipe(args.recipe, args.data_dir, name=args.name, inputs=args.input,
-                                          val_fraction=args.val_fraction, errors=args.errors))
+                                          val_fraction=args.val_fraction, errors=args.errors,
+                                          force=args.force))
 
 
 if __name__ == "__main__":

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
-import torch
-
-from gptfast.checkpoint import load_checkpoint
-from gptfast.config import config_from_dict
-from gptfast.data import get_tokenizer
 from gptfast.errors import run_cli
-from gptfast.model import GPT
-from gptfast.device import AUTOCAST_DTYPES, resolve_device
+
+if typing.TYPE_CHECKING:
+    import torch
+
+    from gptfast.model import GPT
 
 
 def load_model(path: str, device: torch.device) -> tuple[GPT, dict]:
     """The model of a checkpoint file, or of the newest checkpoint in a run directory."""
+    from gptfast.checkpoint import load_checkpoint
+    from gptfast.config import config_from_dict
+    from gptfast.model import GPT
+
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], f"{state['path']} (config)")
     model = GPT(cfg.model, cfg.kernels)  # no recomputation: sampling never runs backward
@@ -27,15 +30,18 @@ def load_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptfast.sample", description=__doc__)
     parser.add_argument("checkpoint", help="a ckpt_<step>.pt file, or a run directory (its newest checkpoint)")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 for all")
+    parser.add_argument("--prompt", default="", help="text to continue (default: the start of a document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature; 0 samples greedily (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=200,
+                        help="sample among the k likeliest tokens; 0 for all (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling: the smallest set of tokens whose probability reaches p; 1 for all")
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+                        help="nucleus sampling: the smallest set of tokens whose probability reaches p; 1 for all "
+                             "(default: %(default)s)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples to print (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
         parser.error("--max-new-tokens, --temperature and --top-k must be >= 0, --num-samples >= 1")
@@ -45,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_samples(args: argparse.Namespace) -> None:
+    import torch
+
+    from gptfast.data import get_tokenizer
+    from gptfast.device import AUTOCAST_DTYPES, resolve_device
+
     device = resolve_device(args.device)
     model, state = load_model(args.checkpoint, device)
     enc = get_tokenizer()

@@ -11,17 +11,23 @@ import contextlib
 import shlex
 import signal
 import sys
+import typing
 
-import torch
-
-from gptfast.config import load_config
+from gptfast.config import describe_keys, load_config
 from gptfast.errors import run_cli
-from gptfast.trainer import Trainer
+
+if typing.TYPE_CHECKING:
+    from gptfast.trainer import Trainer
 
 USAGE = """usage: python -m gptfast.train CONFIG.toml [--section.key=value ...]
 
 Trains the model CONFIG describes, resuming from the newest checkpoint in train.out_dir.
 Overrides follow the config path, e.g. --train.max_steps=100 --train.device=cpu."""
+
+
+def full_help() -> str:
+    return (USAGE + "\n\nEvery key, with its default (a config file sets them under [section]; the command "
+            "line overrides the file; values are TOML, bare words are strings):\n\n" + describe_keys())
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -47,6 +53,10 @@ def stop_on_signals(trainer: Trainer):
 
 
 def train(argv: list[str]) -> None:
+    import torch  # here, not at the top: --help and argument errors answer without loading torch
+
+    from gptfast.trainer import Trainer
+
     try:
         trainer = Trainer(load_config(argv[0], argv[1:]))
         with stop_on_signals(trainer):
@@ -62,7 +72,7 @@ def train(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(full_help())
         return 0
     if not argv or argv[0].startswith("--"):
         print("error: the config path comes first\n" + USAGE, file=sys.stderr)

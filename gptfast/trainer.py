@@ -22,13 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 from gptfast import checkpoint as ckpt
 from gptfast.config import Config, config_changes, to_toml
 from gptfast.data import TokenLoader, dataset_dir, ensure_prepared, get_tokenizer
-from gptfast.device import DistInfo, autocast_dtype, device_name, join_process_group, resolve_device
+from gptfast.device import (DistInfo, autocast_dtype, cpu_threads, device_name, join_process_group,
+                            resolve_device)
 from gptfast.errors import CheckpointError, ConfigError, TrainingDiverged
 from gptfast.hardware import mfu, peak_bf16_flops
 from gptfast.health import HealthGuard, Verdict
-from gptfast.metrics import finite_or_none, format_step
+from gptfast.loggers import Loggers, check_backends
+from gptfast.metrics import finite_or_none, format_duration, format_step
 from gptfast.model import GPT, triton_unavailable_reason
 from gptfast.optim import FusedAdamW, build_optimizer, lr_at
+from gptfast.progress import Progress, cpu_matmul_flops, projected_seconds
 from gptfast.resolve import resolve_config
 from gptfast.rundir import RunDir
 
@@ -41,6 +44,7 @@ class TrainResult:
     sample: str  # text sampled at the end ("" when train.sample_tokens is 0, or when stopped)
     stopped: bool = False  # stopped early on request (a signal), after writing a checkpoint
     checkpoint: Path | None = None  # the last checkpoint written
+    summary: dict | None = None  # the end-of-run summary record (see Trainer._summary)
 
 
 def _silent(_: str) -> None:
@@ -56,6 +60,7 @@ class Trainer:
         self.device = self._place_process(cfg)
         self.amp_dtype = autocast_dtype(self.device, cfg.train.dtype)
         self.cfg = resolve_config(cfg, self.device, self.amp_dtype, self.log)
+        check_backends(self.cfg.log)
         self.loader = self._open_data()
         self.run_dir = self._claim_run_dir()
         self._build()
@@ -68,6 +73,9 @@ class Trainer:
         device = resolve_device(cfg.train.device)
         if device.type == "cpu" and cfg.train.dtype != "float32":
             self.log(f"device cpu: training in float32 (train.dtype = {cfg.train.dtype} applies on CUDA)")
+        if device.type == "cpu" and cpu_threads(self.dist) != torch.get_num_threads():
+            torch.set_num_threads(cpu_threads(self.dist))
+            self.log(f"device cpu: {torch.get_num_threads()} threads per process")
         world = self.dist.world_size
         if world > 1:
             if cfg.train.grad_accum_steps % world:
@@ -116,6 +124,8 @@ class Trainer:
         self.guard = HealthGuard(t.loss_spike_factor, t.max_param_growth)
         self.step = 0
         self.val_loss: float | None = None
+        self.best_val_loss: float | None = None  # over the whole run, resumes included
+        self.train_seconds = 0.0  # wall time spent in optimizer steps, over the whole run
         self.skipped_steps = 0  # all steps skipped as unhealthy since this process started
         self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
         self._pending_param_norm: torch.Tensor | None = None  # after the last update, not yet judged
@@ -133,6 +143,7 @@ class Trainer:
             self.log(f"initialised from {t.init_from} (fresh optimizer, step 0)")
         if self.dist.main:
             self.run_dir.write_config(to_toml(self.cfg))
+        self.loggers = Loggers(self.cfg, self.run_dir, enabled=self.dist.main)
         self._barrier()
 
     def _wrap_for_training(self) -> None:
@@ -195,6 +206,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         self.val_loss = state.get("val_loss")
+        self.best_val_loss = state.get("best_val_loss", self.val_loss)
+        self.train_seconds = state.get("train_seconds", 0.0)
         if self.dist.main:
             newer = ckpt.run_files(out, after_step=self.step)
             self.run_dir.set_aside(newer, f"resuming from the healthy checkpoint of step {self.step}; "
@@ -209,7 +222,8 @@ class Trainer:
         saved_world = state.get("world_size", 1)
         if saved_world != self.dist.world_size:
             raise CheckpointError(f"{path} was written by a run of {saved_world} processes; resume it with "
-                                  f"{saved_world} (this run has {self.dist.world_size})")
+                                  f"{saved_world} (this run has {self.dist.world_size}), or start a new run: "
+                                  "--train.out_dir=ANOTHER_DIR, or --train.resume=false (sets this run aside)")
         trajectory, other = config_changes(state["config"], self.cfg.to_dict())
         if trajectory and not self.cfg.train.allow_config_change:
             raise ConfigError(f"resuming {path} with changed settings that change the training trajectory "
@@ -237,6 +251,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "step": self.step,
             "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+            "train_seconds": self.train_seconds,
             "rng": rng,
             "world_size": self.dist.world_size,
             "healthy": healthy,
@@ -266,6 +282,8 @@ class Trainer:
         # Each rank takes its share of the step's micro-batches; the windows are those a single
         # process would draw (the loader is a function of the global micro-step index).
         local_steps = t.grad_accum_steps // self.dist.world_size
+        progress = Progress(local_steps, f"step {self.step + 1}/{t.max_steps}: micro-batch", self.log,
+                            after=self.cfg.log.progress_seconds)
         for i in range(local_steps):
             x, y = self.loader.batch("train", self.step, self.dist.rank * local_steps + i)
             # The mean over the step's micro-batches; DDP averages over ranks, so each rank divides
@@ -279,6 +297,8 @@ class Trainer:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
+            progress.update(i + 1)
+        progress.close()
         if self.dist.world_size > 1:  # the mean loss over ranks, and whether any rank was asked to stop
             shared = torch.stack([loss_sum, torch.tensor(float(self.stop_requested), device=self.device)])
             dist.all_reduce(shared)
@@ -357,10 +377,14 @@ class Trainer:
         """Mean loss over the fixed val batches (the same windows at every evaluation)."""
         self.model.eval()
         total = 0.0
-        for i in range(self.cfg.train.eval_steps):
+        steps = self.cfg.train.eval_steps
+        progress = Progress(steps, "evaluation: batch", self.log, after=self.cfg.log.progress_seconds)
+        for i in range(steps):
             x, y = self.loader.batch("val", step=i)
             with self.autocast():
                 total += self.eval_model(x, y).item()
+            progress.update(i + 1)
+        progress.close()
         self.model.train()
         return total / self.cfg.train.eval_steps
 
@@ -384,23 +408,34 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Release the run directory for another trainer (run() does this when it returns)."""
-        self.run_dir.release()
+        """Close the loggers and release the run directory for another trainer (run() does this
+        when it returns)."""
+        try:
+            self.loggers.close()
+            self.loader.close()
+        finally:
+            self.run_dir.release()
 
     def _run(self) -> TrainResult:
         t = self.cfg.train
         self.model.train()
         if self.step >= t.max_steps:
             self.log(f"nothing to do: step {self.step} >= train.max_steps = {t.max_steps}")
+        else:
+            self._project_duration()
         tokens_per_step = self.cfg.tokens_per_step
         train_loss, checkpoint = None, None
+        session = {"start": time.perf_counter(), "first_step": self.step, "tokens_per_second": [], "mfu": []}
         last_time, last_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
+            step_start = time.perf_counter()
             loss, grad_norm, verdict = self.train_step()
+            self.train_seconds += time.perf_counter() - step_start
             done = self.step == t.max_steps
             if not verdict.healthy:
                 self._skipped_step(loss, grad_norm, verdict)
-            if self.step % t.log_interval == 0 or done:
+            # the first step of a session is logged too: its time is the first measured projection
+            if self.step % t.log_interval == 0 or done or self.step == session["first_step"] + 1:
                 train_loss = loss.item()  # the step has synced already: this read is free
                 now = time.perf_counter()
                 step_time = (now - last_time) / (self.step - last_step)
@@ -413,12 +448,19 @@ class Trainer:
                     "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
                                           if self.device.type == "cuda" else None),
                     "eta_seconds": step_time * (t.max_steps - self.step), "skipped_steps": self.skipped_steps,
+                    "tokens": self.step * tokens_per_step, "elapsed_seconds": self.train_seconds,
                 }
+                if self.step > session["first_step"] + 1:  # the first step holds compilation and warm-up
+                    session["tokens_per_second"].append(tokens_per_second)
+                    session["mfu"].append(record["mfu"])
                 self._record(record)
                 self.log(format_step(record, t.max_steps))
             if (self.step % t.eval_interval == 0 or done) and self.dist.main:
                 self.val_loss = self.evaluate()
-                self._record({"step": self.step, "val_loss": finite_or_none(self.val_loss)})
+                if self.best_val_loss is None or self.val_loss < self.best_val_loss:
+                    self.best_val_loss = self.val_loss
+                self._record({"step": self.step, "val_loss": finite_or_none(self.val_loss),
+                              "tokens": self.step * tokens_per_step, "elapsed_seconds": self.train_seconds})
                 self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
             saved_now = self.step % t.checkpoint_interval == 0 or done
             if (saved_now or self.stop_requested) and self.dist.main:
@@ -427,17 +469,76 @@ class Trainer:
                 self.log(f"step {self.step} | checkpoint {checkpoint}{health}")
             self._stop_if_diverged()
             if self.stop_requested and not done:
-                return TrainResult(self.step, train_loss, self.val_loss, "", stopped=True, checkpoint=checkpoint)
+                summary = self._summary(session, checkpoint)
+                return TrainResult(self.step, train_loss, self.val_loss, "", stopped=True, checkpoint=checkpoint,
+                                   summary=summary)
         text = ""
         self._barrier()
         if t.sample_tokens and self.dist.main:
             text = self.sample(t.sample_tokens)
             self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
-        return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint)
+        summary = self._summary(session, checkpoint)
+        return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint, summary=summary)
+
+    def _project_duration(self) -> None:
+        """Before the first step: the run's projected wall time, an estimate from the model's FLOPs
+        and the device's throughput (an assumed 40% of a GPU's bf16 peak; a measured matmul rate on
+        the CPU). A projection beyond a day on a CPU, or a month on a GPU, is a warning."""
+        tokens = (self.cfg.train.max_steps - self.step) * self.cfg.tokens_per_step
+        if self.device.type == "cuda":
+            if self.peak_flops is None:
+                return
+            rate, basis, limit = 0.4 * self.peak_flops, "40% of the GPU's bf16 peak", 30 * 86400
+        elif self.device.type == "cpu":
+            # threads share the probe's matmul rate; a step's small ops run well below it
+            rate, basis, limit = 0.5 * cpu_matmul_flops(), "half this CPU's measured matmul rate", 86400
+        else:
+            return
+        seconds = projected_seconds(self.flops_per_token, tokens, rate)
+        line = (f"projected: ~{format_duration(seconds)} for {self.cfg.train.max_steps - self.step:,} steps "
+                f"({tokens:,} tokens) on {self.device.type} (an estimate at {basis}; "
+                "the first step's time is the measured one)")
+        if seconds <= limit:
+            self.log(line)
+            return
+        hint = ("this config is meant for a GPU: on the CPU try configs/cpu_smoke.toml, or fewer steps with "
+                "--train.max_steps=N" if self.device.type == "cpu" else "fewer steps with --train.max_steps=N")
+        self.log(f"warning: {line}; {hint}")
+
+    def _summary(self, session: dict, checkpoint: Path | None) -> dict:
+        """The end-of-run summary: logged as one line, recorded by every logger."""
+        wall = time.perf_counter() - session["start"]
+        steps = self.step - session["first_step"]
+        rates, utilisations = session["tokens_per_second"], [m for m in session["mfu"] if m is not None]
+        record = {
+            "event": "summary", "step": self.step, "steps_this_session": steps,
+            "wall_seconds": wall, "train_seconds": self.train_seconds,
+            "tokens": self.step * self.cfg.tokens_per_step, "tokens_this_session": steps * self.cfg.tokens_per_step,
+            "final_val_loss": finite_or_none(self.val_loss) if self.val_loss is not None else None,
+            "best_val_loss": finite_or_none(self.best_val_loss) if self.best_val_loss is not None else None,
+            "mean_tokens_per_second": sum(rates) / len(rates) if rates else None,
+            "mean_mfu": sum(utilisations) / len(utilisations) if utilisations else None,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+        }
+        self._record(record)
+        parts = [f"summary: step {self.step} ({steps} this session) in {format_duration(wall)}",
+                 f"{record['tokens_this_session']:,} tokens"]
+        if record["final_val_loss"] is not None:
+            parts.append(f"val loss {record['final_val_loss']:.4f} (best {record['best_val_loss']:.4f})")
+        if record["mean_tokens_per_second"] is not None:
+            parts.append(f"{record['mean_tokens_per_second']:,.0f} tok/s mean")
+        if record["mean_mfu"] is not None:
+            parts.append(f"mfu {100 * record['mean_mfu']:.1f}%")
+        if record["peak_memory_bytes"] is not None:
+            parts.append(f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+        parts.append(f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written")
+        self.log(" | ".join(parts))
+        return record
 
     def _record(self, record: dict) -> None:
         if self.dist.main:
-            self.run_dir.append_metrics(record)
+            self.loggers.log(record)
 
     def _report_unhealthy(self, verdict: Verdict) -> None:
         self._record({"step": self.step, "unhealthy": verdict.reason})

@@ -183,3 +183,40 @@ def test_a_malformed_meta_json_is_refused(data_dir, tmp_path, meta, needle):
     (folder / "meta.json").write_text(meta)
     with pytest.raises(DataError, match=needle):
         make_loader(folder)
+
+
+def test_preparing_again_from_the_same_inputs_is_a_no_op(tmp_path):
+    from gptfast.data import prepare_recipe
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, " * 400)
+    lines = []
+    folder = prepare_recipe("text", tmp_path / "data", name="d", inputs=[str(src)], log=lines.append)
+    inode = (folder / "train.bin").stat().st_ino
+    lines.clear()
+    prepare_recipe("text", tmp_path / "data", name="d", inputs=[str(src)], log=lines.append)
+    assert (folder / "train.bin").stat().st_ino == inode and "already prepared" in lines[-1]
+    prepare_recipe("text", tmp_path / "data", name="d", inputs=[str(src)], log=lines.append, force=True)
+    assert (folder / "train.bin").stat().st_ino != inode
+    inode = (folder / "train.bin").stat().st_ino
+    src.write_text("changed text, " * 400)  # a changed input is prepared again
+    prepare_recipe("text", tmp_path / "data", name="d", inputs=[str(src)], log=lines.append)
+    assert (folder / "train.bin").stat().st_ino != inode
+
+
+def test_a_dataset_in_use_is_not_overwritten(tmp_path, capsys):
+    import torch
+
+    from gptfast.data import TokenLoader, prepare_recipe
+    from gptfast.prepare import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, " * 400)
+    folder = prepare_recipe("text", tmp_path / "data", name="d", inputs=[str(src)], log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".bin", ".json")}
+    loader = TokenLoader(folder, 50257, 8, 2, 0, torch.device("cpu"))
+    assert main(["text", "--name", "d", "--input", str(src), "--data-dir", str(tmp_path / "data"), "--force"]) == 2
+    assert "being read by a running training job" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".bin", ".json")} == before
+    loader.close()
+    assert main(["text", "--name", "d", "--input", str(src), "--data-dir", str(tmp_path / "data"), "--force"]) == 0

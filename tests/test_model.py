@@ -210,3 +210,46 @@ def test_autocast_hands_each_kernel_its_dtypes(monkeypatch):
         assert got.dtype == want.dtype == fp32, name
         rel = ((got - want).norm() / want.norm()).item()
         assert rel < 3e-2, (name, rel)  # bf16 matmuls in both; a dropped scale or sign is far beyond this
+
+
+def test_the_pytorch_loss_masks_the_padding_columns():
+    """The loss is over the real vocabulary: padding rows set to large values (as a trained or
+    HF-loaded head may have) change neither the loss nor any real gradient, and get no gradient."""
+    torch.manual_seed(11)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    with torch.no_grad():
+        model.transformer.wte.weight[50257:] = 5.0  # would dominate the softmax if not masked
+    x, y = torch.randint(0, 50257, (2, 2, 8))
+    loss = model(x, y)
+    loss.backward()
+    hidden = model.hidden_states(x).detach()
+    logits = hidden @ model.lm_head.weight.detach()[:50257].T  # (B, T, V): the real vocabulary only
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), y.reshape(-1))
+    torch.testing.assert_close(loss, reference)
+    assert torch.all(model.transformer.wte.weight.grad[50257:] == 0)
+    assert "logit_mask" not in model.state_dict()  # a function of the config, not saved
+
+
+def test_the_pytorch_loss_follows_autocast(monkeypatch):
+    """Under autocast the head matmul runs in the autocast dtype and cross_entropy receives those
+    logits as they are (autocast runs the loss in fp32): no explicit cast copies the logits."""
+    import gptfast.model as model_module
+
+    torch.manual_seed(12)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    x, y = torch.randint(0, 50257, (2, 2, 8))
+    seen = []
+    real = model_module.F.cross_entropy
+
+    def spy(logits, *args, **kwargs):
+        seen.append((logits.dtype, logits.shape, logits.is_contiguous()))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "cross_entropy", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, y)
+    assert seen == [(torch.bfloat16, (16, 50304), True)]  # padded, contiguous, not cast
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with torch.no_grad():
+        fp32 = model(x, y)
+    assert abs(loss.item() - fp32.item()) < 0.05

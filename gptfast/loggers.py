@@ -1,0 +1,136 @@
+"""Where a run's metrics go ([log] backends): metrics.jsonl, TensorBoard event files, Weights & Biases.
+
+Every record the trainer makes (a dict with a "step": the logged training steps, evaluations,
+skipped steps, the end-of-run summary) goes to every backend. Only rank 0 logs. TensorBoard and
+wandb are optional extras; a config that names one that is not installed is rejected before the
+run directory is touched (`check_backends`), with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import secrets
+from pathlib import Path
+
+from gptfast.config import Config, LogConfig
+from gptfast.errors import ConfigError
+from gptfast.rundir import RunDir
+
+# backend -> (module it needs, the extra that installs it)
+REQUIREMENTS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_backends(cfg: LogConfig) -> None:
+    """ConfigError naming the extra to install when a backend's package is missing."""
+    for backend in cfg.backends:
+        if backend in REQUIREMENTS:
+            module, extra = REQUIREMENTS[backend]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"log.backends: {backend} needs the {module} package, which is not installed: "
+                                  f"pip install -e \".[{extra}]\" (or drop {backend!r} from log.backends)")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's finite numbers, under TensorBoard/wandb names: loss -> train/loss, val_loss -> val/loss."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            continue
+        name = "val/loss" if key == "val_loss" else key.replace("val_", "val/") if key.startswith("val_") \
+            else f"train/{key}"
+        out[name] = float(value)
+    return out
+
+
+class JsonlLogger:
+    """metrics.jsonl in the run directory: one JSON object a line (what `gptfast.plot` reads)."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+
+    def log(self, record: dict) -> None:
+        self.run_dir.append_metrics(record)
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Event files under out_dir/tensorboard, one scalar per metric against the optimizer step."""
+
+    def __init__(self, out_dir: Path, cfg: Config):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.writer.add_text("config", "```toml\n" + _toml(cfg) + "\n```", 0)
+
+    def log(self, record: dict) -> None:
+        step = record.get("step", 0)
+        summary = record.get("event") == "summary"
+        for name, value in scalars(record).items():
+            self.writer.add_scalar("summary/" + name.split("/", 1)[-1] if summary else name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """A wandb run in out_dir/wandb; its id is kept in the run directory so a resumed run continues
+    the same wandb run."""
+
+    def __init__(self, out_dir: Path, cfg: Config):
+        import wandb
+
+        id_file = out_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
+        self.run = wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or out_dir.resolve().name,
+                              id=run_id, resume="allow", dir=str(out_dir), config=cfg.to_dict(),
+                              mode=cfg.log.wandb_mode or None)
+        if not id_file.exists():
+            from gptfast.files import atomic_write
+
+            atomic_write(id_file, lambda f: f.write(run_id.encode()))
+
+    def log(self, record: dict) -> None:
+        values = scalars(record)
+        if record.get("event") == "summary":
+            self.run.summary.update({name.split("/", 1)[-1]: v for name, v in values.items()})
+        elif values:
+            self.run.log(values, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _toml(cfg: Config) -> str:
+    from gptfast.config import to_toml
+
+    return to_toml(cfg)
+
+
+class Loggers:
+    """Every configured backend behind one `log(record)`."""
+
+    def __init__(self, cfg: Config, run_dir: RunDir, enabled: bool = True):
+        check_backends(cfg.log)
+        self.backends = []
+        for name in cfg.log.backends if enabled else ():
+            if name == "jsonl":
+                self.backends.append(JsonlLogger(run_dir))
+            elif name == "tensorboard":
+                self.backends.append(TensorBoardLogger(run_dir.path, cfg))
+            elif name == "wandb":
+                self.backends.append(WandbLogger(run_dir.path, cfg))
+
+    def log(self, record: dict) -> None:
+        for backend in self.backends:
+            backend.log(record)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+        self.backends = []

@@ -1,0 +1,79 @@
+"""Progress of long loops, and the time a run is projected to take before it starts.
+
+`Progress` is silent for a loop that ends within `after` seconds (a fast optimizer step prints
+nothing extra); past that it reports every `every` seconds: one line rewritten in place on a
+terminal, plain lines otherwise (a log file, a pipe, a notebook).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+from gptfast.metrics import format_duration
+
+
+class Progress:
+    """`update(done)` after each item of `total`; `close()` at the end."""
+
+    def __init__(self, total: int, label: str, log: Callable[[str], None] = print, *, after: float = 10.0,
+                 every: float | None = None, unit: str = "", stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.label, self.log, self.unit = total, label, log, unit
+        self.after = after
+        self.every = after if every is None else every
+        # A bar rewritten in place only where a person watches a terminal and log is plain print.
+        self.stream = stream if stream is not None else (sys.stdout if log is print else None)
+        self.in_place = bool(self.stream is not None and getattr(self.stream, "isatty", lambda: False)())
+        self.clock = clock
+        self.start = self.last = clock()
+        self.shown = False
+        self.enabled = after > 0
+
+    def line(self, done: int) -> str:
+        elapsed = self.clock() - self.start
+        left = elapsed / done * (self.total - done) if done else float("nan")
+        eta = f", ~{format_duration(left)} left" if done and left == left else ""
+        width = 24
+        filled = int(width * done / self.total) if self.total else width
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] " if self.in_place else ""
+        return f"{self.label}: {bar}{done}/{self.total}{self.unit} ({format_duration(elapsed)} so far{eta})"
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = self.clock()
+        if now - self.start < self.after or (self.shown and now - self.last < self.every):
+            return
+        self.last, self.shown = now, True
+        if self.in_place:
+            self.stream.write("\r" + self.line(done))
+            self.stream.flush()
+        else:
+            self.log(self.line(done))
+
+    def close(self) -> None:
+        if self.shown and self.in_place:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def projected_seconds(flops_per_token: float, tokens: int, flops_per_second: float) -> float:
+    """Wall time of training `tokens` at `flops_per_second` achieved (an estimate, not a measure)."""
+    return flops_per_token * tokens / flops_per_second
+
+
+def cpu_matmul_flops(seconds: float = 0.2) -> float:
+    """fp32 matmul FLOP/s this CPU achieves with torch's threads, from a short probe."""
+    import torch
+
+    n = 512
+    generator = torch.Generator().manual_seed(0)  # the training RNG stream is not touched
+    a, b = torch.randn(n, n, generator=generator), torch.randn(n, n, generator=generator)
+    a @ b
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+    return 2 * n**3 * calls / (time.perf_counter() - start)

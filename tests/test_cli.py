@@ -1,0 +1,74 @@
+"""What every command line shares: help that answers without loading torch, defaults and keys
+listed, files written with the usual permissions."""
+
+import dataclasses
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from gptfast.config import SECTION_TYPES
+
+CLIS = ["train", "sample", "export", "prepare", "plan", "plot"]
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_help_does_not_import_torch(cli):
+    """--help answers at once: torch (seconds to import) is loaded only by the work itself."""
+    code = (f"import sys\nfrom gptfast.{cli} import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_train_help_lists_every_key_with_its_default_and_doc(capsys):
+    from gptfast.train import main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for section, cls in SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name}=" in text, f"{section}.{f.name}"
+            assert f.metadata["doc"].split()[0] in text
+    assert '--train.device="auto"' in text and "--optim.betas=[0.9, 0.95]" in text
+
+
+def test_sample_help_shows_defaults(capsys):
+    from gptfast.sample import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 200)", "(default: 0.8)", "(default: 1.0)", "(default: 1337)", "(default: auto)"):
+        assert default in text
+
+
+def test_export_writes_files_with_the_usual_mode(tmp_path):
+    from gptfast.config import ModelConfig
+    from gptfast.hf import export_hf
+    from gptfast.model import GPT
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    out = export_hf(GPT(cfg).state_dict(), cfg, tmp_path / "exported")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert modes == {"config.json": 0o666 & ~mask, "model.safetensors": 0o666 & ~mask}
+
+
+def test_cpu_threads_are_shared_among_a_machines_processes(monkeypatch):
+    from gptfast.device import DistInfo, cpu_threads
+
+    monkeypatch.delenv("GPTFAST_CPU_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cpu_threads(DistInfo(rank=1, world_size=4, local_rank=1)) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert cpu_threads(DistInfo(rank=1, world_size=32, local_rank=1)) == 1
+    monkeypatch.setenv("GPTFAST_CPU_THREADS", "3")
+    assert cpu_threads(DistInfo()) == 3
