@@ -18,8 +18,7 @@ from gptfast.optim import FusedAdamW, param_groups
 MODELS = {"124M": ModelConfig(n_layer=12, n_head=12, n_embd=768),
           "350M": ModelConfig(n_layer=24, n_head=16, n_embd=1024)} if on_gpu() else \
          {"tiny": ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)}
-# torch's fused AdamW exists on CUDA only
-PROVIDERS = ["gptfast", "torch_foreach"] + (["torch_fused"] if on_gpu() else [])
+PROVIDERS = ["gptfast", "torch_foreach", "torch_fused"]
 BYTES_PER_PARAM = 32
 MAX_NORM = 1.0
 
@@ -36,7 +35,10 @@ def setup(model_cfg: ModelConfig, provider: str, device: torch.device):
             opt.step()
     else:
         fused = provider == "torch_fused"
-        opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+        try:
+            opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+        except RuntimeError as e:  # a torch without fused AdamW for this device
+            pytest.skip(f"{provider} cannot run on {device.type}: {e}")
 
         def step():
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True)

@@ -3,7 +3,11 @@
 cross_entropy forward + backward, bf16 logits (N, V): the floor reads the logits once and writes
 their gradient once, 2 * 2 * N * V bytes (the kernel reads them twice: once for the log-sum-exp,
 once for the gradient). linear_cross_entropy is held against F.linear + F.cross_entropy on time and
-on the peak memory the loss adds on top of its inputs.
+on the peak memory the loss adds on top of its inputs, beside the peers our users could run
+instead (the `peers` extra): Liger-Kernel's fused linear cross-entropy and Apple's Cut
+Cross-Entropy. The weight is the model's padded (50304, C) head; each provider uses it as it
+would in the model: the PyTorch path masks the padding columns (GPT.forward), the fused kernels
+take the real vocabulary's rows (a view of the leading rows, no copy).
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ import pytest
 import torch
 
 from bench.common import Row, bandwidth_row, on_gpu, rotating, synchronize, time_calls
-from gptfast.model import LOSS_CHUNK_BYTES
+from bench.peers import cce_linear_cross_entropy, liger_linear_cross_entropy, probe
+from gptfast.config import ModelConfig
+from gptfast.model import LOSS_CHUNK_BYTES, MaskColumns
 from kernels import cross_entropy, linear_cross_entropy
 from tests.reference import cross_entropy_ref, linear_cross_entropy_ref
 
 VOCAB = 50257
 CE_ROWS = [8192, 16384] if on_gpu() else [64]
-LINEAR_SHAPES = [(8192, 768), (8192, 1024)] if on_gpu() else [(64, 64)]
+PADDED_VOCAB = ModelConfig(vocab_size=VOCAB).padded_vocab_size
+LINEAR_SHAPES = [(8192, 768), (8192, 1024), (16384, 768), (16384, 1024)] if on_gpu() else [(64, 64)]
 PROVIDERS = ["gptfast", "torch", "torch_compile"]
+LINEAR_PROVIDERS = PROVIDERS + ["liger", "cce"]
 
 
 def torch_cross_entropy(logits, targets):
@@ -27,11 +35,22 @@ def torch_cross_entropy(logits, targets):
 
 
 def torch_linear_cross_entropy(hidden, weight, targets):
-    return linear_cross_entropy_ref(hidden, weight, targets)
+    """The model's PyTorch path: padded logits, padding columns masked, cross_entropy."""
+    logits = MaskColumns.apply(torch.nn.functional.linear(hidden, weight), VOCAB)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
 def gptfast_linear_cross_entropy(hidden, weight, targets):
-    return linear_cross_entropy(hidden, weight, targets, compute_dtype=torch.bfloat16, chunk_bytes=LOSS_CHUNK_BYTES)
+    return linear_cross_entropy(hidden, weight[:VOCAB], targets, compute_dtype=torch.bfloat16,
+                                chunk_bytes=LOSS_CHUNK_BYTES)
+
+
+def peer_linear_cross_entropy(provider):
+    if provider == "liger":
+        fn = liger_linear_cross_entropy()
+        return lambda hidden, weight, targets: fn(hidden, weight[:VOCAB], targets)
+    fn = cce_linear_cross_entropy()
+    return lambda hidden, weight, targets: fn(hidden, weight[:VOCAB], targets)
 
 
 def provider_fn(provider, ours, theirs):
@@ -77,12 +96,17 @@ def test_cross_entropy(benchmark, record, device, bandwidth, n_rows, provider):
     benchmark.extra_info.update(gbps=row.gbps, floor_fraction=row.floor_fraction, peak_bytes=peak)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", LINEAR_PROVIDERS)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"N{s[0]}-C{s[1]}")
 def test_linear_cross_entropy(benchmark, record, device, shape, provider):
     n_rows, width = shape
-    fn = provider_fn(provider, gptfast_linear_cross_entropy, torch_linear_cross_entropy)
-    weight = (torch.randn(VOCAB, width, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(PADDED_VOCAB, width, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
+    if provider in ("liger", "cce"):
+        fn = peer_linear_cross_entropy(provider)
+        tiny = torch.randn(4, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+        probe(provider, lambda: fn(tiny, weight, torch.randint(0, VOCAB, (4,), device=device)).backward(), device)
+    else:
+        fn = provider_fn(provider, gptfast_linear_cross_entropy, torch_linear_cross_entropy)
 
     def make():
         hidden = torch.randn(n_rows, width, device=device, dtype=torch.bfloat16, requires_grad=True)

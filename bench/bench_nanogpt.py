@@ -95,7 +95,7 @@ def test_eager_step_vs_nanogpt(benchmark, record, device, device_info):
     for batch in batches[:2]:  # warm-up: allocator growth, first-call dispatch
         timed("pytorch", batch), timed("nanogpt", batch)
     times = {"pytorch": [], "nanogpt": []}
-    rounds = 10 if device.type == "cuda" else 6
+    rounds = 16
 
     def run_pairs():
         for i in range(rounds):

@@ -207,22 +207,55 @@ def speedups(rows: list[Row], ours: str = "gptfast") -> dict[tuple[str, str], di
     return out
 
 
+PEER_PROVIDERS = ("liger", "cce")
+
+
+def fastest(rows: list[Row]) -> dict[tuple[str, str], Row]:
+    """(suite, case) -> the fastest provider's row."""
+    best: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        key = (r.suite, r.case)
+        if key not in best or r.seconds < best[key].seconds:
+            best[key] = r
+    return best
+
+
+def versus_fastest(rows: list[Row], ours: str = "gptfast") -> dict[tuple[str, str], str]:
+    """(suite, case) -> "fastest: P; gptfast 0.93x of it; vs best peer 1.10x (liger)" for every case
+    gptfast has a row for (x > 1: gptfast is faster)."""
+    best, mine = fastest(rows), {(r.suite, r.case): r.seconds for r in rows if r.provider == ours}
+    out = {}
+    for key, seconds in mine.items():
+        text = f"fastest: {best[key].provider}"
+        if best[key].provider != ours:
+            text += f"; gptfast {best[key].seconds / seconds:.2f}x of it"
+        peers = [r for r in rows if (r.suite, r.case) == key and r.provider in PEER_PROVIDERS]
+        if peers:
+            peer = min(peers, key=lambda r: r.seconds)
+            text += f"; vs best peer ({peer.provider}) {peer.seconds / seconds:.2f}x"
+        out[key] = text
+    return out
+
+
 def format_table(rows: list[Row], info: DeviceInfo, bandwidth: float | None) -> str:
-    """A markdown table of every row; gptfast's rows carry their speed-up over each other provider."""
+    """A markdown table of every row; gptfast's rows carry their speed-up over each other provider,
+    the fastest provider of the case and gptfast's ratio to it and to the best peer library."""
     ratios = speedups(rows)
+    against_fastest = versus_fastest(rows)
     lines = [f"Device: **{info.label}**; torch {info.torch_version}, triton {info.triton_version}, "
              f"commit {info.git_sha}" + (f"; measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s" if bandwidth else ""),
              "",
-             "| suite | case | provider | time | GB/s | of floor | gptfast speed-up | other |",
-             "|---|---|---|---:|---:|---:|---|---|"]
+             "| suite | case | provider | time | GB/s | of floor | gptfast speed-up | fastest | other |",
+             "|---|---|---|---:|---:|---:|---|---|---|"]
     for r in rows:
         gbps = "" if r.gbps is None else f"{r.gbps:,.0f}"
         floor = "" if r.floor_fraction is None else f"{100 * r.floor_fraction:.0f}%"
         speedup = ", ".join(f"{v:.2f}x vs {k}" for k, v in ratios.get((r.suite, r.case), {}).items()) \
             if r.provider == "gptfast" else ""
         other = ", ".join(f"{k} {v}" for k, v in r.extra.items() if v is not None)
+        best = against_fastest.get((r.suite, r.case), "") if r.provider == "gptfast" else ""
         lines.append(f"| {r.suite} | {r.case} | {r.provider} | {format_seconds(r.seconds)} | {gbps} | {floor} | "
-                     f"{speedup} | {other} |")
+                     f"{speedup} | {best} | {other} |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,6 +107,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class MaskColumns(torch.autograd.Function):
+    """logits[..., start:] = -inf in place; backward zeroes the same columns of the gradient, in
+    place. Only the masked columns are written, both ways (an out-of-place mask or a sliced copy
+    moves the whole (tokens, vocab) tensor)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, start: int) -> torch.Tensor:
+        logits[..., start:] = float("-inf")
+        ctx.mark_dirty(logits)
+        ctx.start = start
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone() if not grad.is_contiguous() else grad
+        grad[..., ctx.start:] = 0
+        return grad, None
+
+
 class GPT(nn.Module):
     """GPT-2. `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
     the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere.
@@ -129,11 +148,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
-        # 0 for the real vocabulary, -inf for the padding columns: added to the training logits.
-        # Not a parameter and not saved: it is a function of the config.
-        logit_mask = torch.zeros(cfg.padded_vocab_size)
-        logit_mask[cfg.vocab_size:] = float("-inf")
-        self.register_buffer("logit_mask", logit_mask, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -238,13 +252,13 @@ class GPT(nn.Module):
             return self._fused_loss(hidden, targets)
         if targets is None:
             return self.lm_head(hidden)[..., : self.config.vocab_size]  # (B, T, V), a view
-        # The padding columns get logit -inf from a bias of (0, ..., 0, -inf, ...), so the softmax
-        # runs over the real vocabulary only (a zero padding row would otherwise give logit 0, which
-        # dominates trained GPT-2's logits). The bias rides in the matmul (its epilogue on CUDA), the
-        # matmul keeps its aligned 50304-wide output, and autocast picks the loss dtype (fp32 for
+        # The padding columns are set to -inf in place, so the softmax runs over the real vocabulary
+        # only (a zero padding row would otherwise give logit 0, which dominates trained GPT-2's
+        # logits): 47 columns written per row, and their gradient zeroed the same way. The matmul
+        # keeps its aligned 50304-wide output, and autocast picks the loss dtype (fp32 for
         # cross_entropy). Slicing the columns off and casting instead copied the whole logits:
         # 1.21x slower per step than nanoGPT's loss on the CPU (bench/bench_nanogpt.py).
-        logits = F.linear(hidden, self.lm_head.weight, self.logit_mask)  # (B, T, V_pad)
+        logits = MaskColumns.apply(self.lm_head(hidden), self.config.vocab_size)  # (B, T, V_pad)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def _fused_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

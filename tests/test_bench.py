@@ -7,7 +7,8 @@ import torch
 
 from bench import common
 from gptfast.config import parse_bytes
-from bench.common import DeviceInfo, Row, bandwidth_row, format_table, peak_flops, speedups, write_results
+from bench.common import (DeviceInfo, Row, bandwidth_row, format_table, peak_flops, speedups, versus_fastest,
+                          write_results)
 
 
 REPO_ROOT = common.RESULTS_DIR.parents[1]
@@ -22,6 +23,16 @@ def test_bandwidth_row_arithmetic():
     row = bandwidth_row("layernorm", "fwd", "gptfast", seconds=1e-4, bytes_moved=50_000_000, bandwidth=1e12)
     assert row.gbps == pytest.approx(500.0)  # 5e7 B / 1e-4 s = 5e11 B/s
     assert row.floor_fraction == pytest.approx(0.5)
+
+
+def test_each_case_names_its_fastest_provider_and_the_best_peer():
+    rows = [Row("ce", "a", "gptfast", 2.0), Row("ce", "a", "torch", 4.0), Row("ce", "a", "liger", 1.0),
+            Row("ce", "a", "cce", 1.6), Row("ce", "b", "gptfast", 1.0), Row("ce", "b", "torch", 3.0),
+            Row("ln", "c", "torch", 1.0)]
+    assert versus_fastest(rows) == {("ce", "a"): "fastest: liger; gptfast 0.50x of it; vs best peer (liger) 0.50x",
+                                    ("ce", "b"): "fastest: gptfast"}
+    info = DeviceInfo("cuda", "GPU", "GPU", "2", "3", "sha")
+    assert "| fastest: liger; gptfast 0.50x of it; vs best peer (liger) 0.50x |" in format_table(rows, info, None)
 
 
 def test_speedups_compare_each_case_with_gptfast():
@@ -49,7 +60,7 @@ def test_results_files(tmp_path):
     assert [r["provider"] for r in payload["rows"]] == ["gptfast", "torch", "gptfast"]
     table = md_path.read_text()
     assert "Device: **NVIDIA GeForce RTX 4070**" in table and "commit abc123" in table
-    assert "| layernorm | fwd N=8 C=4 bf16 | gptfast | 2.0 us | 0 | 50% | 2.00x vs torch |  |" in table
+    assert "| layernorm | fwd N=8 C=4 bf16 | gptfast | 2.0 us | 0 | 50% | 2.00x vs torch | fastest: gptfast |  |" in table
     assert "tokens/s 349,525" in table and "MFU" not in table.split("tokens/s")[1].split("|")[0]
 
 
