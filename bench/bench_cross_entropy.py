@@ -6,8 +6,9 @@ once for the gradient). linear_cross_entropy is held against F.linear + F.cross_
 on the peak memory the loss adds on top of its inputs, beside the peers our users could run
 instead (the `peers` extra): Liger-Kernel's fused linear cross-entropy and Apple's Cut
 Cross-Entropy. The weight is the model's padded (50304, C) head; each provider uses it as it
-would in the model: the PyTorch path masks the padding columns (GPT.forward), the fused kernels
-take the real vocabulary's rows (a view of the leading rows, no copy).
+would in the model: the PyTorch path masks the padding columns (GPT.forward), gptfast's kernel takes the
+whole padded weight and masks the padding itself; the peers take the real vocabulary's rows (a
+view of the leading rows, no copy).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 from bench.common import Row, bandwidth_row, on_gpu, rotating, synchronize, time_calls
 from bench.peers import cce_linear_cross_entropy, liger_linear_cross_entropy, probe
 from gptfast.config import ModelConfig
-from gptfast.model import LOSS_CHUNK_BYTES, MaskColumns
+from gptfast.model import MaskColumns
 from kernels import cross_entropy, linear_cross_entropy
-from tests.reference import cross_entropy_ref, linear_cross_entropy_ref
+from tests.reference import cross_entropy_ref
 
 VOCAB = 50257
 CE_ROWS = [8192, 16384] if on_gpu() else [64]
@@ -41,8 +42,10 @@ def torch_linear_cross_entropy(hidden, weight, targets):
 
 
 def gptfast_linear_cross_entropy(hidden, weight, targets):
-    return linear_cross_entropy(hidden, weight[:VOCAB], targets, compute_dtype=torch.bfloat16,
-                                chunk_bytes=LOSS_CHUNK_BYTES)
+    """As the model calls it: the whole padded weight, the padding masked in the kernel, the chunk
+    from free memory."""
+    return linear_cross_entropy(hidden, weight, targets, n_classes=VOCAB, compute_dtype=torch.bfloat16,
+                                chunk_bytes=None)
 
 
 def peer_linear_cross_entropy(provider):

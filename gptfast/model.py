@@ -27,8 +27,9 @@ SAVED_OPS = frozenset(getattr(aten, name).default for name in (
 ) if hasattr(aten, name))
 
 
-# Memory for one chunk of logits in the fused linear + cross-entropy loss: the loss never holds more
-# of the (tokens, vocab) logits than this (the memory planner counts it).
+# Memory for one chunk of logits in the fused linear + cross-entropy loss when a run is planned into
+# a memory budget: the loss never holds more of the (tokens, vocab) logits than this (the memory
+# planner counts it). Unplanned, the kernel takes half the free memory: one chunk when it fits.
 LOSS_CHUNK_BYTES = 256 * 2**20
 
 
@@ -139,6 +140,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.kernel_cfg = kernel_cfg or KernelsConfig()
         self.recompute_cfg = recompute_cfg or RecomputeConfig()
+        self.loss_chunk_bytes: int | None = None  # the fused loss's chunk budget; None: from free memory
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -263,16 +265,17 @@ class GPT(nn.Module):
 
     def _fused_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean cross-entropy through the fused linear + cross-entropy kernel: the (B*T, V)
-        logits are never held, only chunks of them. The weight is the tied embedding without its
-        padding rows, so the gradient lands in the shared parameter and the softmax runs over the
-        real vocabulary, exactly as in the unfused path."""
+        logits are never held, only chunks of them. The kernel takes the whole padded tied
+        embedding (aligned matmuls, 16-byte aligned rows) and masks the padding rows itself, so the
+        gradient lands in the shared parameter and the softmax runs over the real vocabulary,
+        exactly as in the unfused path."""
         import kernels
 
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        weight = self.lm_head.weight[: self.config.vocab_size]  # (V, C), a view of the tied parameter
-        return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
-                                            compute_dtype=compute_dtype, chunk_bytes=LOSS_CHUNK_BYTES)
+        return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight,
+                                            targets.reshape(-1), n_classes=self.config.vocab_size,
+                                            compute_dtype=compute_dtype, chunk_bytes=self.loss_chunk_bytes)
 
     def _logits_with_cache(self, idx: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which sits at positions start.."""

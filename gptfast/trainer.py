@@ -29,7 +29,7 @@ from gptfast.hardware import mfu, peak_bf16_flops
 from gptfast.health import HealthGuard, Verdict
 from gptfast.loggers import Loggers, check_backends
 from gptfast.metrics import finite_or_none, format_duration, format_step
-from gptfast.model import GPT, triton_unavailable_reason
+from gptfast.model import GPT, LOSS_CHUNK_BYTES, triton_unavailable_reason
 from gptfast.optim import FusedAdamW, build_optimizer, lr_at
 from gptfast.progress import Progress, cpu_matmul_flops, projected_seconds
 from gptfast.resolve import resolve_config
@@ -108,6 +108,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model, cfg.kernels, cfg.recompute).to(self.device)
+        if t.memory_budget:  # planned: the loss keeps to the chunk the planner counted
+            self.model.loss_chunk_bytes = LOSS_CHUNK_BYTES
         reason = triton_unavailable_reason(self.device)
         triton_ops = [name for name in ("layernorm", "cross_entropy", "adamw") if getattr(cfg.kernels, name)]
         if triton_ops and reason:

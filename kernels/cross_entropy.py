@@ -2,14 +2,18 @@
 
 Math, per row r with logits z (V entries) and target t (rows with t == ignore_index count for
 nothing):
-    lse_r = log(sum_j exp(z_j)),  loss_r = lse_r - z_t
+    lse_r = log(sum_j exp(z_j)) = m_r + log(sum_j exp(z_j - m_r)),  m_r = max_j z_j
+    loss_r = lse_r - z_t
     dloss/dz_j = (softmax(z)_j - [j == t]) * scale_r
 with scale_r = grad_output / n_valid for reduction "mean" (n_valid: rows not ignored),
 grad_output for "sum", grad_output[r] for "none". Reference: torch.nn.functional.cross_entropy.
 
 The kernel walks a row in blocks of BLOCK_V with an online log-sum-exp (Milakov & Gimelshein 2018),
 so any V works; all arithmetic is fp32 whatever the logits' dtype (fp32, bf16, fp16).
-- `cross_entropy`: forward reads the logits once and keeps the fp32 lse per row; backward reads
+The log-sum-exp is kept as its two fp32 parts (m_r, log s_r) and the loss formed as
+log s_r - (z_t - m_r), the probabilities as exp((z_j - m_r) - log s_r): a confident row's loss
+(lse ~ z_t) then keeps its relative precision, where lse - z_t would cancel it away.
+- `cross_entropy`: forward reads the logits once and keeps the row's (m, log s); backward reads
   them again and writes the gradient (into the logits' own storage with inplace_backward=True).
 - `linear_cross_entropy`: rows go in chunks sized by a memory budget; each chunk's logits come
   from a cuBLAS matmul, the kernel turns them into their gradient in place, and grad_hidden and an
@@ -36,7 +40,7 @@ def _cross_entropy_kernel(
     # data ptrs
     logits_ptr,  # (n_rows, n_cols) logits, read
     targets_ptr,  # (n_rows,) int64 target ids
-    lse_ptr,  # (n_rows,) fp32 log-sum-exp: written when not HAS_LSE, read when HAS_LSE
+    lse_ptr,  # (n_rows, 2) fp32 (row max m, log s), the log-sum-exp in two parts: written when not HAS_LSE, else read
     loss_ptr,  # (n_rows,) fp32 out: per-row loss, written when WRITE_LOSS
     grad_ptr,  # (n_rows, n_cols) out: gradient of the logits (may be logits_ptr), when COMPUTE_GRAD
     grad_output_ptr,  # (1,) or (n_rows,) fp32 upstream gradient, when COMPUTE_GRAD
@@ -44,7 +48,8 @@ def _cross_entropy_kernel(
     # strides
     stride_logits_row, stride_grad_row,
     # shapes
-    n_cols,
+    n_cols,  # row length (a padded vocabulary: a multiple of 64, so rows stay 16-byte aligned)
+    n_classes,  # columns < n_classes are classes; the rest are padding, excluded from the softmax
     # meta
     ignore_index,
     HAS_LSE: tl.constexpr,
@@ -61,22 +66,25 @@ def _cross_entropy_kernel(
     ignored = target == ignore_index
     cols = tl.arange(0, BLOCK_V)
     if HAS_LSE:
-        lse = tl.load(lse_ptr + row)
+        m = tl.load(lse_ptr + 2 * row)
+        log_s = tl.load(lse_ptr + 2 * row + 1)
     else:
         # Online log-sum-exp: a running max m and sum s of exp(z - m), rescaled as m grows.
         m = float("-inf")
         s = 0.0
         for start in range(0, n_cols, BLOCK_V):
             z = tl.load(logits_row + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+            z = tl.where(start + cols < n_classes, z, float("-inf"))  # padding columns are no class
             m_new = tl.maximum(m, tl.max(z, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
-        lse = m + tl.log(s)
-        tl.store(lse_ptr + row, lse)
+        log_s = tl.log(s)
+        tl.store(lse_ptr + 2 * row, m)
+        tl.store(lse_ptr + 2 * row + 1, log_s)
     if WRITE_LOSS:
         safe_target = tl.where(ignored, 0, target)
         z_target = tl.load(logits_row + safe_target).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_target))
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, log_s - (z_target - m)))
     if COMPUTE_GRAD:
         if GRAD_OUTPUT_PER_ROW:
             scale = tl.load(grad_output_ptr + row)
@@ -89,7 +97,7 @@ def _cross_entropy_kernel(
         for start in range(0, n_cols, BLOCK_V):
             mask = start + cols < n_cols
             z = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp(z - lse)
+            p = tl.where(start + cols < n_classes, tl.exp((z - m) - log_s), 0.0)
             p = tl.where(start + cols == target, p - 1.0, p)
             tl.store(grad_row + start + cols, cast_rtne(p * scale, grad_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
@@ -115,12 +123,17 @@ def _check_targets(targets: torch.Tensor, n_rows: int, n_cols: int, ignore_index
 def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, lse: torch.Tensor, *,
                          lse_given: bool = False, loss: torch.Tensor | None = None,
                          grad: torch.Tensor | None = None, grad_output: torch.Tensor | None = None,
-                         reduction: str = "mean", n_valid: torch.Tensor | None = None) -> None:
+                         reduction: str = "mean", n_valid: torch.Tensor | None = None,
+                         n_classes: int | None = None) -> None:
     """Launch the kernel over every row of (N, V) `logits`. It computes the fp32 log-sum-exp into
-    `lse` (or reads it, with `lse_given`), per-row losses into `loss` when given, and, when `grad`
+    `lse` (N, 2), as (row max, log of the shifted sum) (or reads it, with `lse_given`), per-row losses into `loss` when given, and, when `grad`
     is given (it may be `logits` itself), the gradient scaled by `grad_output` (one value, or one
-    per row for "none") and by 1 / n_valid for "mean"."""
+    per row for "none") and by 1 / n_valid for "mean". Columns from `n_classes` on (default: none)
+    are padding: left out of the softmax, given gradient 0."""
     n_rows, n_cols = logits.shape
+    if lse.shape != (n_rows, 2) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"cross_entropy: lse must be float32 ({n_rows}, 2), contiguous; got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
     if n_rows == 0:
         return
     block_v, num_warps = _block_v(n_cols, logits.device)
@@ -128,7 +141,7 @@ def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     _cross_entropy_kernel[(n_rows,)](
         logits, targets, lse, loss, grad, grad_output, n_valid,
         logits.stride(0), grad.stride(0) if compute_grad else 0,
-        n_cols, ignore_index,
+        n_cols, n_cols if n_classes is None else n_classes, ignore_index,
         HAS_LSE=lse_given, WRITE_LOSS=loss is not None, COMPUTE_GRAD=compute_grad,
         GRAD_OUTPUT_PER_ROW=compute_grad and reduction == "none", MEAN=reduction == "mean",
         BLOCK_V=block_v, INTERPRETED=interpreted(logits.device), num_warps=num_warps,
@@ -162,7 +175,7 @@ def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     _check_logits("cross_entropy", logits)
     _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index)
     n_rows = logits.shape[0]
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     cross_entropy_launch(logits, targets, ignore_index, lse, loss=loss_rows)
     n_valid = (targets != ignore_index).sum().float()
@@ -173,7 +186,7 @@ def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_in
 def _(logits, targets, ignore_index, reduction):
     n_rows = logits.shape[0]
     loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
+    return loss, logits.new_empty((n_rows, 2), dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::cross_entropy_bwd", mutates_args=())
@@ -244,8 +257,39 @@ def chunk_rows(n_rows: int, vocab: int, element_size: int, chunk_bytes: int) -> 
     return max(1, min(n_rows, rows))
 
 
+# Without a budget from the caller, a chunk's logits take at most this share of the device's free
+# memory, and at least MIN_AUTO_CHUNK_BYTES: one chunk whenever the whole (N, V) logits fit.
+AUTO_CHUNK_SHARE = 0.5
+MIN_AUTO_CHUNK_BYTES = 64 * 2**20
+CPU_AUTO_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_bytes(device: torch.device) -> int:
+    """A chunk budget from the memory free now (CUDA: cudaMemGetInfo, no synchronisation)."""
+    if device.type != "cuda":
+        return CPU_AUTO_CHUNK_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(MIN_AUTO_CHUNK_BYTES, int(free * AUTO_CHUNK_SHARE))
+
+
+def _weight_grad_chunk(grad_weight: torch.Tensor | None, grad_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_weight (+)= grad_logits.T @ h with an fp32 result and accumulator. On CUDA the matmul
+    writes fp32 directly (cuBLAS's fp32 output, `out_dtype`), accumulating in place: 8 bytes per
+    V x C element per chunk. Where torch lacks that (older versions, the CPU), the bf16 product is
+    widened: one chunk pays only the rounding the PyTorch path pays too; more chunks pay ~20 B."""
+    if grad_logits.dtype != torch.float32 and grad_logits.is_cuda:
+        try:
+            if grad_weight is None:
+                return torch.mm(grad_logits.T, h, out_dtype=torch.float32)
+            return torch.addmm(grad_weight, grad_logits.T, h, out_dtype=torch.float32, out=grad_weight)
+        except (TypeError, RuntimeError):  # no out_dtype overload in this torch build
+            pass
+    product = (grad_logits.T @ h).float()
+    return product if grad_weight is None else grad_weight.add_(product)
+
+
 def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
-                      grad_output_rows, want_grads):
+                      grad_output_rows, want_grads, n_classes):
     """The chunk loop shared by forward (loss, and gradients scaled for mean/sum) and the
     reduction="none" backward (gradients scaled per row).
     Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads."""
@@ -254,11 +298,13 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
     device = hidden.device
     w = weight.to(compute_dtype)  # (V, C): one cast per call, as autocast would do for F.linear
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
     n_valid = (targets != ignore_index).sum().float()
     grad_hidden = torch.empty_like(hidden) if want_grads else None
-    grad_weight = torch.zeros(vocab, n_cols, dtype=torch.float32, device=device) if want_grads else None
+    grad_weight = None
     grad_output = grad_output_rows if grad_output_rows is not None else torch.ones(1, dtype=torch.float32, device=device)
+    if chunk_bytes <= 0:
+        chunk_bytes = auto_chunk_bytes(device)
     step = chunk_rows(n_rows, vocab, torch.finfo(compute_dtype).bits // 8, chunk_bytes)
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
@@ -267,28 +313,30 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
         go = grad_output[start:end] if grad_output_rows is not None else grad_output
         cross_entropy_launch(logits, targets[start:end], ignore_index, lse[start:end], loss=loss_rows[start:end],
                              grad=logits if want_grads else None, grad_output=go, reduction=reduction,
-                             n_valid=n_valid)
+                             n_valid=n_valid, n_classes=n_classes)
         if want_grads:  # logits now hold their gradient
             grad_hidden[start:end] = logits @ w  # (n, C)
-            grad_weight += (logits.T @ h).float()  # (V, C), accumulated in fp32 across chunks
+            grad_weight = _weight_grad_chunk(grad_weight, logits, h)  # (V, C) fp32, across chunks
+    if want_grads and grad_weight is None:  # no rows
+        grad_weight = torch.zeros(vocab, n_cols, dtype=torch.float32, device=device)
     return loss_rows, n_valid, grad_hidden, grad_weight
 
 
 @torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                      reduction: str, compute_dtype: torch.dtype, chunk_bytes: int, want_grads: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      reduction: str, compute_dtype: torch.dtype, chunk_bytes: int, want_grads: bool,
+                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tensors("linear_cross_entropy", hidden, weight, targets)
-    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
+    _check_targets(targets, hidden.shape[0], n_classes, ignore_index)
     grads_now = want_grads and reduction != "none"  # "none" needs per-row grad_output: backward recomputes
     loss_rows, n_valid, grad_hidden, grad_weight = _linear_ce_chunks(
-        hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now)
+        hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now, n_classes)
     return (_reduce(loss_rows, reduction, n_valid), grad_hidden if grads_now else hidden.new_empty(0),
             grad_weight if grads_now else hidden.new_empty(0))
 
 
 @_linear_ce_fwd_op.register_fake
-def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads):
+def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes):
     grads_now = want_grads and reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grads_now else hidden.new_empty(0)
@@ -299,22 +347,25 @@ def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_byt
 @torch.library.custom_op("gptfast::linear_cross_entropy_bwd_rows", mutates_args=())
 def _linear_ce_bwd_rows_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            grad_output: torch.Tensor, ignore_index: int, compute_dtype: torch.dtype,
-                           chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk_bytes: int, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, _, grad_hidden, grad_weight = _linear_ce_chunks(
         hidden, weight, targets, ignore_index, "none", compute_dtype, chunk_bytes,
-        grad_output.float().contiguous(), True)
+        grad_output.float().contiguous(), True, n_classes)
     return grad_hidden, grad_weight
 
 
 @_linear_ce_bwd_rows_op.register_fake
-def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_bytes):
+def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_bytes, n_classes):
     return torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 def _linear_ce_setup(ctx, inputs, output):
-    hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads = inputs
+    hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes = inputs
     _, grad_hidden, grad_weight = output
-    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+    # Only the loss is differentiated: the gradients of the two gradient outputs are never used,
+    # and materialising them would zero-fill an (N, C) and a (V, C) fp32 buffer every step.
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.ignore_index, ctx.n_classes = reduction, ignore_index, n_classes
     ctx.compute_dtype, ctx.chunk_bytes, ctx.weight_dtype = compute_dtype, chunk_bytes, weight.dtype
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, targets)
@@ -326,7 +377,7 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
     if ctx.reduction == "none":
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden, grad_weight = _linear_ce_bwd_rows_op(hidden, weight, targets, grad_loss, ctx.ignore_index,
-                                                          ctx.compute_dtype, ctx.chunk_bytes)
+                                                          ctx.compute_dtype, ctx.chunk_bytes, ctx.n_classes)
     else:
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden.numel() == 0 and grad_weight.numel() == 0:
@@ -334,30 +385,40 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
         # The forward computed the gradients for grad_output = 1; scaling is a device op, no sync.
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = grad_weight * grad_loss
-    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None)
+    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None)
 
 
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_bytes: int,
-                         ignore_index: int = -100, reduction: str = "mean",
-                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`F.cross_entropy(hidden @ weight.T, targets)` without the (N, V) logits.
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         chunk_bytes: int | None, n_classes: int | None = None, ignore_index: int = -100,
+                         reduction: str = "mean", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`F.cross_entropy((hidden @ weight.T)[:, :n_classes], targets)` without the (N, V) logits.
 
     hidden (N, C), weight (V, C) (a tied embedding works: the gradient lands in the parameter),
-    targets (N,) int64. The matmuls run in `compute_dtype` (default hidden's dtype; pass the
-    autocast dtype under autocast); gradients come back in each input's own dtype, grad_weight
-    accumulated in fp32. `chunk_bytes` bounds one chunk's logits (the caller's memory budget). For "mean" and "sum" the
-    gradients are computed during the forward (the logits exist only chunk by chunk, then);
-    "none" computes its gradients in backward, recomputing each chunk's logits.
+    targets (N,) int64 in [0, n_classes). Pass a vocabulary padded to a multiple of 64 whole, with
+    `n_classes` the real vocabulary: the padding rows are masked inside the kernel (logit -inf,
+    gradient 0), so the matmuls run on aligned shapes and the kernel's rows stay 16-byte aligned,
+    where slicing the weight would give every row an odd length. The matmuls run in
+    `compute_dtype` (default hidden's dtype; pass the autocast dtype under autocast); gradients
+    come back in each input's own dtype, grad_weight accumulated in fp32. `chunk_bytes` bounds one
+    chunk's logits (the caller's memory budget); None takes half the device's free memory, so
+    the logits are one chunk whenever they fit. For "mean" and "sum" the gradients are computed
+    during the forward (the logits exist only chunk by chunk, then); "none" computes its
+    gradients in backward, recomputing each chunk's logits.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) must share C, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    n_classes = weight.shape[0] if n_classes is None else n_classes
+    if not 0 < n_classes <= weight.shape[0]:
+        raise ValueError(f"linear_cross_entropy: n_classes must be in [1, {weight.shape[0]}], got {n_classes}")
+    if chunk_bytes is not None and chunk_bytes <= 0:
+        raise ValueError(f"linear_cross_entropy: chunk_bytes must be positive (or None), got {chunk_bytes}")
     compute_dtype = compute_dtype or hidden.dtype
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
-                             want_grads)[0]
+    return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes or 0,
+                             want_grads, n_classes)[0]

@@ -71,13 +71,16 @@ def test_launcher_writes_every_element():
     logits = torch.randn(21, 5000, generator=gen).to(DEVICE, torch.bfloat16)
     targets = make_targets(21, 5000, gen)
     nan = float("nan")
-    lse, loss = torch.full((21,), nan, device=DEVICE), torch.full((21,), nan, device=DEVICE)
+    lse, loss = torch.full((21, 2), nan, device=DEVICE), torch.full((21,), nan, device=DEVICE)
     grad = torch.full_like(logits, nan)
     n_valid = (targets != -100).sum().float()
     cross_entropy_launch(logits, targets, -100, lse, loss=loss, grad=grad,
                          grad_output=torch.ones(1, device=DEVICE), n_valid=n_valid)
     assert torch.isfinite(lse).all() and torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), dim=-1))
+    torch.testing.assert_close(lse[:, 0], logits.float().max(dim=-1).values)  # (row max, log shifted sum)
+    torch.testing.assert_close(lse.sum(-1), torch.logsumexp(logits.float(), dim=-1))
+    with pytest.raises(ValueError, match=r"lse must be float32 \(21, 2\)"):
+        cross_entropy_launch(logits, targets, -100, torch.empty(21, device=DEVICE), loss=loss)
 
 
 def test_logits_are_kept_unless_inplace_is_asked():
@@ -235,3 +238,77 @@ def test_linear_cross_entropy_other_ignore_index(reduction):
     for got, exp in zip(torch.autograd.grad(ours, (hidden, weight), go),
                         torch.autograd.grad(want, (hidden, weight), go), strict=True):
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_padded_vocabulary(reduction, dtype):
+    """The model's call: the whole padded weight, n_classes the real vocabulary. The same loss and
+    gradients as the unfused loss over the real rows; the padding rows get gradient 0, whatever
+    their values (here large, so an unmasked softmax would be far off)."""
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    n_rows, width, vocab, padded = 77, 40, 1003, 1024
+    hidden = torch.randn(n_rows, width, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(padded, width, generator=gen) * 0.2).to(DEVICE)
+    weight[vocab:] = 3.0
+    weight.requires_grad_()
+    targets = make_targets(n_rows, vocab, gen)
+    ours = linear_cross_entropy(hidden, weight, targets, n_classes=vocab, reduction=reduction, compute_dtype=dtype,
+                                chunk_bytes=padded * 4 * 64)
+    same = cross_entropy_ref(hidden @ weight[:vocab].to(dtype).T, targets, reduction=reduction)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact = F.cross_entropy(h64 @ w64[:vocab].T, targets, reduction=reduction)
+    go = grad_output_for(ours, gen)
+    g_ours = torch.autograd.grad(ours, (hidden, weight), go)
+    g_same = torch.autograd.grad(same, (hidden, weight), go)
+    g_exact = torch.autograd.grad(exact, (h64, w64), go.double())
+    assert torch.all(g_ours[1][vocab:] == 0)
+    assert_close_by_rule(ours, same, exact, ATOL[dtype], f"loss (seed {seed})")
+    for name, a, b, c in zip(("grad_hidden", "grad_weight"), g_ours, g_same, g_exact, strict=True):
+        assert_close_by_rule(a, b, c, ATOL[dtype], f"{name} (seed {seed})")
+    with pytest.raises(RuntimeError, match="outside"):  # a padding id is no class
+        bad = targets.clone()
+        bad[1] = vocab
+        linear_cross_entropy(hidden, weight, bad, n_classes=vocab, chunk_bytes=None)
+
+
+def test_linear_cross_entropy_chunk_from_free_memory_is_one_chunk_when_it_fits(monkeypatch):
+    import importlib
+
+    ce = importlib.import_module("kernels.cross_entropy")
+    launches = []
+    real = ce.cross_entropy_launch
+    monkeypatch.setattr(ce, "cross_entropy_launch", lambda logits, *a, **k: (launches.append(logits.shape),
+                                                                              real(logits, *a, **k)))
+    hidden = torch.randn(300, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(640, 16, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 600, (300,), device=DEVICE)
+    loss = linear_cross_entropy(hidden, weight, targets, n_classes=600, chunk_bytes=None)
+    assert launches == [(300, 640)]
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight[:600].T, targets))
+
+
+def test_linear_cross_entropy_materialises_no_unused_gradient():
+    """Backward zero-fills nothing the size of the weight: the op's two gradient outputs are not
+    differentiated, and their gradients are not materialised (set_materialize_grads(False))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.fill_.Scalar,
+                        torch.ops.aten.zero_.default, torch.ops.aten.new_zeros.default):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    hidden = torch.randn(64, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(128, 16, device=DEVICE, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 128, (64,), device=DEVICE), chunk_bytes=None)
+    with Fills() as fills:
+        loss.backward()
+    assert (128, 16) not in fills.shapes and (64, 16) not in fills.shapes, fills.shapes
