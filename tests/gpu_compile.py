@@ -1,8 +1,16 @@
-"""Compile every Triton kernel for NVIDIA targets without a GPU (Triton's own compiler and ptxas),
-catching what the interpreter cannot: type errors in compiled-only paths, unsupported ops,
-register-file overflow. Run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET.
+"""Compile every Triton kernel variant the model launches for NVIDIA targets without a GPU (Triton's
+own compiler and ptxas), specialised as the launchers' real calls are (dtypes, constexprs, and
+the 16-divisibility Triton gives aligned pointers and integers such as C = 768 or the padded
+vocabulary 50304), and check what it compiles to:
 
-    python tests/gpu_compile.py        # prints one line per kernel, target and variant
+- 128-bit global loads and stores (`ld.global.v4` / `st.global.v4`) where a kernel streams a
+  large tensor (the whole point of aligned layouts);
+- no fp64 instruction in a per-element kernel (a consumer card runs fp64 at 1/64 of fp32);
+- no local-memory spills, and registers per thread within the ceiling stated per kernel.
+
+Run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET; a broken property fails CI.
+
+    python tests/gpu_compile.py        # one line per kernel, target and variant
 """
 
 from __future__ import annotations
@@ -35,6 +43,17 @@ CUDA = torch.device("cuda")  # launch settings as the launchers choose them on a
 TARGETS = {"sm_89 (RTX 40xx)": GPUTarget("cuda", 89, 32), "sm_90 (H100/H200)": GPUTarget("cuda", 90, 32)}
 
 
+def expect(vector_loads: bool, vector_stores: bool, fp64_allowed: bool = False, max_registers: int = 128) -> dict:
+    return {"vector_loads": vector_loads, "vector_stores": vector_stores, "fp64_allowed": fp64_allowed,
+            "max_registers": max_registers}
+
+
+def pointers_and(signature: dict, *ints: str) -> list[str]:
+    """The arguments a launch specialises as divisible by 16: every pointer (torch allocates at 512
+    bytes) and the named integers (strides and widths that are multiples of 16 in the model)."""
+    return [k for k, v in signature.items() if isinstance(v, str) and v.startswith("*")] + list(ints)
+
+
 def layer_norm_cases():
     for x_ty, stream_ty, y_ty, residual in (("bf16", "fp32", "bf16", True), ("fp32", "fp32", "fp32", True),
                                             ("bf16", "bf16", "bf16", False), ("fp16", "fp16", "fp16", True)):
@@ -52,7 +71,9 @@ def layer_norm_cases():
             _, _, num_warps = row_block_settings(block, 4 if stream_ty == "fp32" else 2, CUDA)
             yield (f"layer_norm fwd x={x_ty} stream={stream_ty} C<={block} warps={num_warps}",
                    layernorm._layer_norm_fwd_kernel, dict(signature, **{k: "constexpr" for k in meta}),
-                   constexprs, num_warps)
+                   constexprs, num_warps,
+                   pointers_and(signature, "stride_x_row", "stride_res_row", "stride_s_row", "stride_y_row", "n_cols"),
+                   expect(True, True, max_registers=128))
     for dy_ty, s_ty, x_ty in (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16")):
         has_dx = x_ty != s_ty
         signature = {
@@ -69,14 +90,17 @@ def layer_norm_cases():
             _, _, num_warps = row_block_settings(block, 4 if s_ty == "fp32" else 2, CUDA)
             yield (f"layer_norm bwd dy={dy_ty} s={s_ty} C<={block} warps={num_warps}",
                    layernorm._layer_norm_bwd_kernel, dict(signature, **{k: "constexpr" for k in meta}),
-                   constexprs, num_warps)
+                   constexprs, num_warps,
+                   pointers_and(signature, "stride_dy_row", "stride_ds_in_row", "stride_s_row", "stride_ds_row",
+                                "stride_dx_row", "n_cols"),
+                   expect(True, True, max_registers=168))
 
 
 def cross_entropy_cases():
     signature = {
         "logits_ptr": None, "targets_ptr": "*i64", "lse_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": None,
         "grad_output_ptr": "*fp32", "n_valid_ptr": "*fp32", "stride_logits_row": "i64", "stride_grad_row": "i64",
-        "n_cols": "i32", "ignore_index": "i64",
+        "n_cols": "i32", "n_classes": "i32", "ignore_index": "i64",
     }
     for dtype in ("bf16", "fp32", "fp16"):
         for has_lse, write_loss, grad, per_row, mean in ((False, True, False, False, False),  # forward
@@ -88,8 +112,12 @@ def cross_entropy_cases():
             sig = dict(signature, logits_ptr=f"*{dtype}", grad_ptr=f"*{dtype}" if grad else "constexpr",
                        **{k: "constexpr" for k in meta})
             constexprs = dict(meta) if grad else dict(meta, grad_ptr=None)
+            # the model's call: rows of the padded vocabulary (50304 = 16 x 3144), so the row
+            # stride and width specialise as divisible by 16; n_classes (50257) does not
             yield (f"cross_entropy {dtype} lse_given={has_lse} loss={write_loss} grad={grad} per_row={per_row}",
-                   cross_entropy._cross_entropy_kernel, sig, constexprs, 8)
+                   cross_entropy._cross_entropy_kernel, sig, constexprs, 8,
+                   pointers_and(sig, "stride_logits_row", "stride_grad_row", "n_cols"),
+                   expect(True, grad, max_registers=96))
 
 
 def adamw_cases():
@@ -97,24 +125,30 @@ def adamw_cases():
 
     tables = {"block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "numel_ptr": "*i64"}
     for grad_ty, tl_ty in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
-        meta = {"GRAD_DTYPE": tl_ty, "BLOCK": 2048}
-        yield (f"grad_sq_norm grads={grad_ty}", adamw._grad_sq_norm_kernel,
-               dict({"grad_addr_ptr": "*i64", "partial_ptr": "*fp32"}, **tables, **{k: "constexpr" for k in meta}),
-               meta, 8)
-        for clip in (False, True):
-            meta = {"GRAD_DTYPE": tl_ty, "CLIP": clip, "BLOCK": 2048}
-            signature = {
-                "param_addr_ptr": "*i64", "grad_addr_ptr": "*i64", "exp_avg_addr_ptr": "*i64",
-                "exp_avg_sq_addr_ptr": "*i64", "step_addr_ptr": "*i64", "group_ptr": "*i32", "hyper_ptr": "*fp64",
-                "norm_ptr": "*fp32" if clip else "constexpr", "max_norm": "fp32", **tables,
-                **{k: "constexpr" for k in meta},
-            }
-            yield (f"adamw grads={grad_ty} clip={clip}", adamw._adamw_kernel, signature,
-                   dict(meta) if clip else dict(meta, norm_ptr=None), 8)
+        meta = {"GRAD_DTYPE": tl_ty, "BLOCK": 4096}
+        signature = dict({"grad_addr_ptr": "*i64", "partial_ptr": "*fp32"}, **tables, **{k: "constexpr" for k in meta})
+        yield (f"grad_sq_norm grads={grad_ty}", adamw._grad_sq_norm_kernel, signature, meta, 8,
+               pointers_and(signature), expect(True, False, max_registers=128))
+        meta = {"GRAD_DTYPE": tl_ty, "FACTORS": adamw.FACTORS, "BLOCK": 4096}
+        signature = {
+            "param_addr_ptr": "*i64", "grad_addr_ptr": "*i64", "exp_avg_addr_ptr": "*i64",
+            "exp_avg_sq_addr_ptr": "*i64", **tables, "factors_ptr": "*fp32", **{k: "constexpr" for k in meta},
+        }
+        yield (f"adamw grads={grad_ty}", adamw._adamw_kernel, signature, meta, 8, pointers_and(signature),
+               expect(True, True, max_registers=128))
+    for clip in (False, True):
+        meta = {"CLIP": clip, "FACTORS": adamw.FACTORS, "BLOCK_T": 256}
+        signature = {"step_addr_ptr": "*i64", "group_ptr": "*i32", "hyper_ptr": "*fp64",
+                     "norm_ptr": "*fp32" if clip else "constexpr", "factors_ptr": "*fp32", "n_tensors": "i32",
+                     "max_norm": "fp32", **{k: "constexpr" for k in meta}}
+        # one program per step, once: its fp64 is the point (bias corrections as torch computes them)
+        yield (f"adamw prep clip={clip}", adamw._adamw_prep_kernel, signature,
+               dict(meta) if clip else dict(meta, norm_ptr=None), 4, pointers_and(signature),
+               expect(False, False, fp64_allowed=True, max_registers=255))
 
 
-def ptxas_report(ptx: str, arch: int) -> str:
-    """Registers per thread and spill bytes, as ptxas reports them for this PTX."""
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes), as ptxas reports them for this PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(arch).path if hasattr(get_ptxas(arch), "path") else get_ptxas(arch)[0]
@@ -126,21 +160,60 @@ def ptxas_report(ptx: str, arch: int) -> str:
                              capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
-    return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled"
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1
+
+
+def ptx_properties(ptx: str) -> dict:
+    """What a kernel's PTX does: 128-bit global accesses, fp64 instructions."""
+    return {"vector_loads": bool(re.search(r"\bld\.global(\.\w+)*\.v4\.", ptx)),
+            "vector_stores": bool(re.search(r"\bst\.global(\.\w+)*\.v4\.", ptx)),
+            "fp64": len(re.findall(r"^\s*[a-z][\w.]*\.f64\b", ptx, re.M))}
+
+
+def violations(props: dict, registers: int, spills: int, expected: dict) -> list[str]:
+    found = []
+    if expected["vector_loads"] and not props["vector_loads"]:
+        found.append("no 128-bit global loads")
+    if expected["vector_stores"] and not props["vector_stores"]:
+        found.append("no 128-bit global stores")
+    if props["fp64"] and not expected["fp64_allowed"]:
+        found.append(f"{props['fp64']} fp64 instructions")
+    if spills != 0:
+        found.append(f"{spills} bytes spilled")
+    if registers > expected["max_registers"]:
+        found.append(f"{registers} registers > ceiling {expected['max_registers']}")
+    return found
+
+
+def compile_case(fn, signature, constexprs, num_warps, divisible, target):
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible
+             if signature.get(name) != "constexpr"}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
 
 
 def main() -> int:
     failures = 0
     for target_name, target in TARGETS.items():
-        for name, fn, signature, constexprs, num_warps in (*layer_norm_cases(), *cross_entropy_cases(),
-                                                                    *adamw_cases()):
-            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        for name, fn, signature, constexprs, num_warps, divisible, expected in (
+                *layer_norm_cases(), *cross_entropy_cases(), *adamw_cases()):
             try:
-                compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
-                print(f"ok    {target_name:18s} {name} ({ptxas_report(compiled.asm['ptx'], target.arch)})")
+                compiled = compile_case(fn, signature, constexprs, num_warps, divisible, target)
             except Exception as e:  # report every failing variant, not only the first
                 failures += 1
                 print(f"FAIL  {target_name:18s} {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            ptx = compiled.asm["ptx"]
+            registers, spills = ptxas_report(ptx, target.arch)
+            props = ptx_properties(ptx)
+            problems = violations(props, registers, spills, expected)
+            summary = (f"{registers} registers, {spills} B spilled, v4 ld/st {props['vector_loads']:d}/"
+                       f"{props['vector_stores']:d}, fp64 {props['fp64']}")
+            if problems:
+                failures += 1
+                print(f"FAIL  {target_name:18s} {name} ({summary}): {'; '.join(problems)}")
+            else:
+                print(f"ok    {target_name:18s} {name} ({summary})")
     return 1 if failures else 0
 
 

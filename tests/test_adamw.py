@@ -189,3 +189,15 @@ def test_bad_parameters_are_clear_errors():
     embedding(torch.tensor([1, 2], device=DEVICE)).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+def test_misaligned_tensors_are_refused():
+    """The element-wise kernels declare every base pointer 16-byte aligned (for 128-bit accesses);
+    a tensor that is not, such as a view one element in, is refused rather than misread."""
+    import importlib
+
+    adamw = importlib.import_module("kernels.adamw")
+    base = torch.zeros(64)
+    adamw.aligned_addresses([base, base[4:]], torch.device("cpu"))  # 16 bytes in: aligned
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        adamw.aligned_addresses([base, base[1:]], torch.device("cpu"))
