@@ -15,7 +15,7 @@ it in fp32 while the branch outputs are bf16): s takes residual's dtype, and y t
 (default: s's dtype), so y can be written directly in the dtype the next matmul reads. weight and
 bias in float32 or s's dtype. One row is held in registers: C up to 16384 (GPT-2 uses 768 to 1600).
 The dweight/dbias reduction is deterministic and lock-free: each backward program sums its rows
-into an fp32 partial, then one torch sum reduces the partials; the same inputs give the same bits
+into an fp32 partial (dW and dB interleaved in one buffer), then one torch sum reduces both; the same inputs give the same bits
 on every run on a given device.
 Memory traffic, b bytes per element: layer_norm forward reads x and writes y (2 * b * N * C, plus
 8 B per row of stats); add_layer_norm forward reads x and residual and writes s and y
@@ -97,10 +97,10 @@ def _layer_norm_bwd_kernel(
     rstd_ptr,  # (n_rows,) fp32 row 1/std from the forward
     ds_ptr,  # (n_rows, n_cols) out: gradient of s (= of the residual; of x when dtypes agree)
     dx_ptr,  # (n_rows, n_cols) out: the same gradient in x's dtype, written when HAS_DX
-    dw_partial_ptr,  # (n_programs, n_cols) out: fp32 per-program sums of dy * xhat
-    db_partial_ptr,  # (n_programs, n_cols) out: fp32 per-program sums of dy, when HAS_BIAS
+    dw_partial_ptr,  # (n_programs, n_cols), row stride stride_partial_row, out: fp32 per-program sums of dy * xhat
+    db_partial_ptr,  # (n_programs, n_cols), row stride stride_partial_row, out: fp32 per-program sums of dy, when HAS_BIAS
     # strides
-    stride_dy_row, stride_ds_in_row, stride_s_row, stride_ds_row, stride_dx_row,
+    stride_dy_row, stride_ds_in_row, stride_s_row, stride_ds_row, stride_dx_row, stride_partial_row,
     # shapes
     n_rows, n_cols, rows_per_program,
     # meta
@@ -145,9 +145,9 @@ def _layer_norm_bwd_kernel(
         dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
             db_acc += tl.sum(dy, axis=0)
-    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=col_mask)
+    tl.store(dw_partial_ptr + pid * stride_partial_row + cols, dw_acc, mask=col_mask)
     if HAS_BIAS:
-        tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=col_mask)
+        tl.store(db_partial_ptr + pid * stride_partial_row + cols, db_acc, mask=col_mask)
 
 
 def _check_params(op: str, ln_dtype: torch.dtype, n_cols: int, weight: torch.Tensor,
@@ -222,12 +222,13 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
                    mean: torch.Tensor, rstd: torch.Tensor, ds_in: torch.Tensor | None = None,
                    x_dtype: torch.dtype | None = None, *, ds: torch.Tensor | None = None,
                    dx: torch.Tensor | None = None, dw_partial: torch.Tensor | None = None,
-                   db_partial: torch.Tensor | None = None):
+                   db_partial: torch.Tensor | None = None, stacked: bool = False):
     """Launch the backward kernel. `s` is the forward's normalised input. Returns
     (ds, dx, dweight, dbias): ds in s's dtype; dx, the same gradient in `x_dtype`, only when that
     differs from s's dtype (else None); dweight, dbias in weight's dtype (dbias None without a bias).
     Output buffers may be passed in (the tests poison them); the fp32 dW/dB partials are
-    (backward_programs(n_rows, device), C)."""
+    (backward_programs(n_rows, device), C). With `stacked` (and no partial buffers passed) dweight
+    and dbias come back as one (2, C) tensor (1 row without a bias) in the third place, None fourth."""
     check_tensors("layer_norm backward", dy, s, weight, ds_in)
     n_cols = s.shape[-1]
     s_rows, dy_rows = as_rows(s, n_cols), as_rows(dy, n_cols)
@@ -240,25 +241,40 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
     else:
         dx = None
     if n_rows == 0:
+        if stacked:
+            return ds, dx, weight.new_zeros((2 if has_bias else 1, n_cols)), None
         return ds, dx, torch.zeros_like(weight), torch.zeros_like(weight) if has_bias else None
     ds_rows = ds.view(-1, n_cols)
     dx_rows = dx.view(-1, n_cols) if has_dx else None
     n_programs = backward_programs(n_rows, s.device)
     rows_per_program = triton.cdiv(n_rows, n_programs)
-    if dw_partial is None:
-        dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
-    if db_partial is None and has_bias:
+    partials = None
+    if dw_partial is None and db_partial is None:
+        # dW and dB partials interleaved in one buffer, (n_programs, 2, C rounded up to 4): one sum
+        # reduces both, and the dB row of the sum starts 16-byte aligned (the fused AdamW reads the
+        # gradients with 128-bit accesses)
+        width = triton.cdiv(n_cols, 4) * 4
+        partials = torch.empty((n_programs, 2 if has_bias else 1, width), dtype=torch.float32, device=s.device)
+        dw_partial, db_partial = partials[:, 0, :n_cols], partials[:, 1, :n_cols] if has_bias else None
+    elif db_partial is None and has_bias:
         db_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
     db_partial = db_partial if has_bias else None
+    if has_bias and db_partial.stride(0) != dw_partial.stride(0):
+        raise ValueError("layer_norm backward: the dW and dB partial buffers must share their row stride")
     block, block_rows, num_warps = row_block_settings(n_cols, s.element_size(), s.device)
     _layer_norm_bwd_kernel[(n_programs,)](
         dy_rows, ds_in_rows, s_rows, weight, mean, rstd, ds_rows, dx_rows, dw_partial, db_partial,
         dy_rows.stride(0), ds_in_rows.stride(0) if ds_in_rows is not None else 0, s_rows.stride(0),
-        ds_rows.stride(0), dx_rows.stride(0) if has_dx else 0,
+        ds_rows.stride(0), dx_rows.stride(0) if has_dx else 0, dw_partial.stride(0),
         n_rows, n_cols, rows_per_program,
         HAS_DS_IN=ds_in is not None, HAS_DX=has_dx, HAS_BIAS=has_bias, BLOCK_ROWS=block_rows,
         BLOCK_SIZE=block, INTERPRETED=interpreted(s.device), num_warps=num_warps,
     )
+    if partials is not None:  # one launch sums both
+        sums = partials.sum(0).to(weight.dtype)[:, :n_cols]  # (2, C)
+        if stacked:
+            return ds, dx, sums, None
+        return ds, dx, sums[0], sums[1] if has_bias else None
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else None
     return ds, dx, dw, db
@@ -289,16 +305,18 @@ def _(x, residual, weight, bias, eps, out_dtype):
 @torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, ds_in: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor,
                        has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    ds, dx, dw, db = layer_norm_bwd(dy, s, weight, has_bias, mean, rstd, ds_in, x_dtype)
-    return ds, dx if dx is not None else s.new_empty(0), dw, db if db is not None else s.new_empty(0)
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ds, dx, dweight and dbias stacked (2, C) or (1, C)): one tensor, as outputs may not alias."""
+    ds, dx, dwb, _ = layer_norm_bwd(dy, s, weight, has_bias, mean, rstd, ds_in, x_dtype, stacked=True)
+    return ds, dx if dx is not None else s.new_empty(0), dwb
 
 
 @_layer_norm_bwd_op.register_fake
 def _(dy, ds_in, s, weight, has_bias, mean, rstd, x_dtype):
     dx = torch.empty_like(s, dtype=x_dtype) if x_dtype != s.dtype else s.new_empty(0)
-    db = torch.empty_like(weight) if has_bias else s.new_empty(0)
-    return torch.empty_like(s), dx, torch.empty_like(weight), db
+    n_cols = weight.shape[0]  # the real output is a (k, C) view of a (k, C rounded up to 4) sum
+    return torch.empty_like(s), dx, weight.new_empty_strided((2 if has_bias else 1, n_cols),
+                                                             (triton.cdiv(n_cols, 4) * 4, 1))
 
 
 def _setup_context(ctx, inputs, output):
@@ -313,7 +331,8 @@ def _backward(ctx, dy, ds, dmean, drstd):
     ds_in = ds if ctx.has_residual and ds is not None else None
     if dy is None:
         dy = torch.zeros_like(s)
-    ds, dx, dw, db = _layer_norm_bwd_op(dy, ds_in, s, weight, ctx.has_bias, mean, rstd, ctx.x_dtype)
+    ds, dx, dwb = _layer_norm_bwd_op(dy, ds_in, s, weight, ctx.has_bias, mean, rstd, ctx.x_dtype)
+    dw, db = dwb[0], dwb[1] if ctx.has_bias else None
     # s = x + residual, so both receive ds, each in its own dtype; where the dtypes agree they share
     # one tensor, which is safe because autograd never writes into a gradient it did not allocate.
     if ctx.x_dtype == s.dtype:

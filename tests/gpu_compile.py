@@ -81,7 +81,8 @@ def layer_norm_cases():
             "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "ds_ptr": f"*{s_ty}",
             "dx_ptr": f"*{x_ty}" if has_dx else "constexpr", "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32",
             "stride_dy_row": "i64", "stride_ds_in_row": "i64", "stride_s_row": "i64", "stride_ds_row": "i64",
-            "stride_dx_row": "i64", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
+            "stride_dx_row": "i64", "stride_partial_row": "i64", "n_rows": "i32", "n_cols": "i32",
+            "rows_per_program": "i32",
         }
         for block in (1024, 2048, 8192):
             meta = {"HAS_DS_IN": True, "HAS_DX": has_dx, "HAS_BIAS": True, "BLOCK_ROWS": 1, "BLOCK_SIZE": block,
@@ -92,7 +93,7 @@ def layer_norm_cases():
                    layernorm._layer_norm_bwd_kernel, dict(signature, **{k: "constexpr" for k in meta}),
                    constexprs, num_warps,
                    pointers_and(signature, "stride_dy_row", "stride_ds_in_row", "stride_s_row", "stride_ds_row",
-                                "stride_dx_row", "n_cols"),
+                                "stride_dx_row", "stride_partial_row", "n_cols"),
                    expect(True, True, max_registers=168))
 
 
