@@ -40,6 +40,8 @@ def is_dataset_name(name: str) -> bool:
 # Activation recomputation ([recompute]): none keeps every activation for backward, selective
 # recomputes a block's cheap elementwise ops, full recomputes the whole block.
 RECOMPUTE_POLICIES = ("none", "selective", "full")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 # Sections that were renamed: an old name is an error that names the new one.
 RENAMED_SECTIONS = {"checkpointing": "recompute"}
 # Where metrics go ([log] backends); each but jsonl needs its optional extra (setup.py).
@@ -82,14 +84,25 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _field(6e-4, "peak learning rate, reached after warmup")
-    min_lr: float = _field(6e-5, "learning rate at the end of the cosine decay")
+    name: str = _field("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW at lr for embeddings, "
+                                "head, gains and biases)")
+    lr: float = _field(6e-4, "peak learning rate (AdamW's), reached after warmup")
+    min_lr: float = _field(6e-5, "learning rate at the end of the decay")
     warmup_steps: int = _field(700, "optimizer steps of linear warmup from 0 to lr")
-    lr_decay_steps: int = _field(19073, "optimizer step at which the cosine decay reaches min_lr")
+    schedule: str = _field("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay over "
+                                     "the last cooldown_fraction of the steps)")
+    cooldown_fraction: float = _field(0.2, "wsd: the share of the steps spent decaying to min_lr")
+    lr_decay_steps: int = _field(0, "optimizer step at which the decay reaches min_lr; 0: train.max_steps, so a "
+                                    "shorter run gets the whole schedule")
     weight_decay: float = _field(0.1, "decoupled weight decay, applied to 2-D weights only")
     betas: tuple[float, float] = _field((0.9, 0.95), "AdamW (beta1, beta2)")
     eps: float = _field(1e-8, "AdamW epsilon")
     grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    muon_lr: float = _field(0.02, "muon: peak learning rate of the Muon matrices (scaled by the schedule "
+                                  "as lr is)")
+    muon_momentum: float = _field(0.95, "muon: momentum (Nesterov)")
+    muon_ns_steps: int = _field(5, "muon: Newton-Schulz iterations of the orthogonalisation")
+    muon_weight_decay: float = _field(0.0, "muon: decoupled weight decay of the Muon matrices")
 
 
 @dataclass
@@ -121,6 +134,8 @@ class TrainConfig:
                                 "architecture ([model] keeps only dropout)")
     memory_budget: str = _field("", "plan micro-batch and activation recomputation into this much GPU memory, e.g. "
                                     "\"12GiB\"; empty: train as configured")
+    target_val_loss: float = _field(0.0, "stop at the first evaluation whose val loss is at or below this, and "
+                                         "report the time, tokens and steps it took; 0: no target")
 
 
 @dataclass
@@ -277,8 +292,29 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("optim.min_lr", f"must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
     if o.warmup_steps < 0:
         fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    if o.lr_decay_steps < o.warmup_steps:
-        fail("optim.lr_decay_steps", f"must be >= optim.warmup_steps = {o.warmup_steps}")
+    if o.lr_decay_steps and o.lr_decay_steps < o.warmup_steps:
+        fail("optim.lr_decay_steps", f"must be >= optim.warmup_steps = {o.warmup_steps} (or 0: train.max_steps)")
+    if o.lr_decay_steps < 0:
+        fail("optim.lr_decay_steps", f"must be >= 0 (0: train.max_steps), got {o.lr_decay_steps}")
+    if o.name not in OPTIMIZERS:
+        fail("optim.name", f"expected one of {', '.join(OPTIMIZERS)}, got {o.name!r}{_suggest(o.name, OPTIMIZERS)}")
+    if o.schedule not in SCHEDULES:
+        fail("optim.schedule", f"expected one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    if not 0.0 < o.cooldown_fraction <= 1.0:
+        fail("optim.cooldown_fraction", f"must be in (0, 1], got {o.cooldown_fraction}")
+    if o.muon_lr <= 0:
+        fail("optim.muon_lr", f"must be positive, got {o.muon_lr}")
+    if not 0.0 <= o.muon_momentum < 1.0:
+        fail("optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
+    if o.muon_ns_steps < 1:
+        fail("optim.muon_ns_steps", f"must be >= 1, got {o.muon_ns_steps}")
+    if o.muon_weight_decay < 0:
+        fail("optim.muon_weight_decay", f"must be >= 0, got {o.muon_weight_decay}")
+    if o.name == "muon" and t.dtype == "float16":
+        fail("optim.name", "muon does not run with train.dtype = float16 (its loss scaler steps one torch optimizer); "
+                           "use bfloat16")
+    if t.target_val_loss < 0:
+        fail("train.target_val_loss", f"must be >= 0 (0: no target), got {t.target_val_loss}")
     if o.weight_decay < 0:
         fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     if not all(0.0 <= b < 1.0 for b in o.betas):
@@ -330,7 +366,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 # the dropout masks), so it is refused unless train.allow_config_change is set; the architecture is
 # checked separately (a checkpoint of another model cannot load at all). Any other change is logged.
 TRAJECTORY_KEYS = ("train.seed", "train.micro_batch_size", "train.grad_accum_steps", "data.dataset",
-                   "model.dropout")
+                   "model.dropout", "optim.name")
 # Settings that say how to start this process, not what the run is: never reported as changes.
 START_KEYS = ("train.resume", "train.allow_config_change")
 

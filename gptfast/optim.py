@@ -1,4 +1,5 @@
-"""Optimizer glue: AdamW with decay on 2-D weights only, and the learning-rate schedule."""
+"""Optimizer glue: AdamW with decay on 2-D weights only (or Muon + AdamW, gptfast/muon.py), and the
+learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -21,27 +22,58 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    triton_adamw: bool = False) -> torch.optim.Optimizer:
-    """gptfast's FusedAdamW (Triton, clipping fused in) when `triton_adamw`, else torch's AdamW,
-    its fused CUDA implementation on GPUs. Either way clipping follows cfg.grad_clip: FusedAdamW
-    applies it inside its step, the trainer calls clip_grad_norm_ for torch's."""
-    groups = param_groups(model, cfg.weight_decay)
+                    triton_adamw: bool = False):
+    """AdamW (cfg.name "adamw"): gptfast's FusedAdamW (Triton, clipping fused in) when
+    `triton_adamw`, else torch's AdamW, its fused CUDA implementation on GPUs. Either way clipping
+    follows cfg.grad_clip: FusedAdamW applies it inside its step, the trainer calls
+    clip_grad_norm_ otherwise. "muon": Muon for the blocks' matrices and the same AdamW choice for
+    the rest (gptfast/muon.py); the trainer clips. Every group carries `peak_lr`, the rate the
+    schedule scales."""
+    if cfg.name == "muon":
+        from gptfast.muon import Muon, MuonAdamW, muon_param_groups
+
+        groups, others = muon_param_groups(model)
+        muon = Muon([dict(g, peak_lr=cfg.muon_lr) for g in groups], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                    ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+        rest = [{"params": [p for p in others if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
+                {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr}]
+        return MuonAdamW(muon, _adamw([g for g in rest if g["params"]], cfg, device, triton_adamw, clip=False))
+    groups = [dict(g, peak_lr=cfg.lr) for g in param_groups(model, cfg.weight_decay)]
+    return _adamw(groups, cfg, device, triton_adamw, clip=True)
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device, triton_adamw: bool, clip: bool):
     if triton_adamw:
         return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                          max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None)
+                          max_grad_norm=cfg.grad_clip if clip and cfg.grad_clip > 0 else None)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused,
                              foreach=False if fused else None)
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine decay to min_lr."""
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """The schedule at optimizer step `step` (0-based) as a fraction of the peak: linear warmup,
+    then cosine decay (cfg.schedule "cosine") or constant and a linear cooldown over the last
+    cfg.cooldown_fraction of the steps ("wsd", warmup-stable-decay: Hägele et al. 2024), ending at
+    min_lr / lr at cfg.lr_decay_steps, or at max_steps when that is 0."""
+    end = cfg.lr_decay_steps or max_steps
+    floor = cfg.min_lr / cfg.lr
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.lr_decay_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.lr_decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+        return (step + 1) / cfg.warmup_steps
+    if step >= end:
+        return floor
+    if cfg.schedule == "wsd":
+        cooldown_start = max(cfg.warmup_steps, end - round(cfg.cooldown_fraction * end))
+        if step < cooldown_start:
+            return 1.0
+        return floor + (1.0 - floor) * (end - step) / max(1, end - cooldown_start)
+    progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """AdamW's learning rate at optimizer step `step` (0-based): the peak lr times lr_factor."""
+    return cfg.lr * lr_factor(step, cfg, max_steps)
 
 
 class FusedAdamW(torch.optim.Optimizer):

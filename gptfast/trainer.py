@@ -30,7 +30,7 @@ from gptfast.health import HealthGuard, Verdict
 from gptfast.loggers import Loggers, check_backends
 from gptfast.metrics import finite_or_none, format_duration, format_step
 from gptfast.model import GPT, LOSS_CHUNK_BYTES, triton_unavailable_reason
-from gptfast.optim import FusedAdamW, build_optimizer, lr_at
+from gptfast.optim import FusedAdamW, build_optimizer, lr_at, lr_factor
 from gptfast.progress import Progress, cpu_matmul_flops, projected_seconds
 from gptfast.resolve import resolve_config
 from gptfast.rundir import RunDir
@@ -128,6 +128,7 @@ class Trainer:
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None  # over the whole run, resumes included
         self.train_seconds = 0.0  # wall time spent in optimizer steps, over the whole run
+        self.target_reached: dict | None = None  # when train.target_val_loss was reached
         self.skipped_steps = 0  # all steps skipped as unhealthy since this process started
         self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
         self._pending_param_norm: torch.Tensor | None = None  # after the last update, not yet judged
@@ -194,11 +195,14 @@ class Trainer:
                                       f"{unhealthy[-1].name}); start over with --train.resume=false")
             return
         self._check_resumable(state)
+        peaks = [group["peak_lr"] for group in self.optimizer.param_groups]  # from this config, not the file
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{state['path']} does not fit this model: {e}") from None
+            raise CheckpointError(f"{state['path']} does not fit this model and optimizer: {e}") from None
+        for group, peak in zip(self.optimizer.param_groups, peaks, strict=True):
+            group["peak_lr"] = peak
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if state.get("health"):
@@ -277,9 +281,9 @@ class Trainer:
         healthy, else parameters and optimizer state stay untouched. Deciding that costs the one
         host sync of the step."""
         t, o = self.cfg.train, self.cfg.optim
-        lr = lr_at(self.step, o)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(self.step, o, t.max_steps)
+        for group in self.optimizer.param_groups:  # each group's own peak (AdamW's lr, Muon's muon_lr)
+            group["lr"] = group["peak_lr"] * factor
         loss_sum = torch.zeros((), device=self.device)
         # Each rank takes its share of the step's micro-batches; the windows are those a single
         # process would draw (the loader is a function of the global micro-step index).
@@ -444,7 +448,7 @@ class Trainer:
                 last_time, last_step = now, self.step
                 tokens_per_second = tokens_per_step / step_time
                 record = {
-                    "step": self.step, "loss": finite_or_none(train_loss), "lr": lr_at(self.step - 1, self.cfg.optim),
+                    "step": self.step, "loss": finite_or_none(train_loss), "lr": lr_at(self.step - 1, self.cfg.optim, t.max_steps),
                     "grad_norm": finite_or_none(grad_norm.item()), "tokens_per_second": tokens_per_second,
                     "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops),
                     "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
@@ -457,19 +461,26 @@ class Trainer:
                     session["mfu"].append(record["mfu"])
                 self._record(record)
                 self.log(format_step(record, t.max_steps))
-            if (self.step % t.eval_interval == 0 or done) and self.dist.main:
+            evaluated = self.step % t.eval_interval == 0 or done
+            if evaluated and self.dist.main:
                 self.val_loss = self.evaluate()
                 if self.best_val_loss is None or self.val_loss < self.best_val_loss:
                     self.best_val_loss = self.val_loss
                 self._record({"step": self.step, "val_loss": finite_or_none(self.val_loss),
                               "tokens": self.step * tokens_per_step, "elapsed_seconds": self.train_seconds})
                 self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
+                if t.target_val_loss and self.val_loss <= t.target_val_loss and self.target_reached is None:
+                    self._reached_target()
+            reached = bool(t.target_val_loss) and evaluated and self._target_reached_everywhere()
+            done = done or reached
             saved_now = self.step % t.checkpoint_interval == 0 or done
             if (saved_now or self.stop_requested) and self.dist.main:
                 checkpoint = self.save()
                 health = "" if ckpt.is_healthy(checkpoint) else " (marked unhealthy)"
                 self.log(f"step {self.step} | checkpoint {checkpoint}{health}")
             self._stop_if_diverged()
+            if reached:
+                break
             if self.stop_requested and not done:
                 summary = self._summary(session, checkpoint)
                 return TrainResult(self.step, train_loss, self.val_loss, "", stopped=True, checkpoint=checkpoint,
@@ -481,6 +492,31 @@ class Trainer:
             self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
         summary = self._summary(session, checkpoint)
         return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint, summary=summary)
+
+    def _reached_target(self) -> None:
+        """train.target_val_loss reached: record what it took (rank 0)."""
+        t = self.cfg.train
+        hours = self.train_seconds / 3600
+        self.target_reached = {
+            "event": "target_reached", "step": self.step, "target_val_loss": t.target_val_loss,
+            "val_loss": self.val_loss, "tokens": self.step * self.cfg.tokens_per_step,
+            "train_seconds": self.train_seconds,
+            "gpu_hours": hours * self.dist.world_size if self.device.type == "cuda" else None,
+        }
+        self._record(self.target_reached)
+        gpu = f", {self.target_reached['gpu_hours']:.2f} GPU-hours" if self.target_reached["gpu_hours"] else ""
+        self.log(f"target val loss {t.target_val_loss} reached at step {self.step}: val loss {self.val_loss:.4f} "
+                 f"after {format_duration(self.train_seconds)} of training{gpu}, "
+                 f"{self.target_reached['tokens']:,} tokens")
+
+    def _target_reached_everywhere(self) -> bool:
+        """Whether the run ends here for its target: rank 0 evaluates, every rank stops with it."""
+        reached = self.target_reached is not None and self.target_reached["step"] == self.step
+        if self.dist.world_size > 1:
+            flag = torch.tensor(float(reached), device=self.device)
+            dist.broadcast(flag, src=0)
+            reached = bool(flag.item())
+        return reached
 
     def _project_duration(self) -> None:
         """Before the first step: the run's projected wall time, an estimate from the model's FLOPs
@@ -522,6 +558,10 @@ class Trainer:
             "mean_mfu": sum(utilisations) / len(utilisations) if utilisations else None,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             "checkpoint": str(checkpoint) if checkpoint else None,
+            "target_val_loss": self.cfg.train.target_val_loss or None,
+            "target_reached_step": self.target_reached["step"] if self.target_reached else None,
+            "target_reached_seconds": self.target_reached["train_seconds"] if self.target_reached else None,
+            "target_reached_tokens": self.target_reached["tokens"] if self.target_reached else None,
         }
         self._record(record)
         parts = [f"summary: step {self.step} ({steps} this session) in {format_duration(wall)}",
@@ -534,6 +574,11 @@ class Trainer:
             parts.append(f"mfu {100 * record['mean_mfu']:.1f}%")
         if record["peak_memory_bytes"] is not None:
             parts.append(f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+        if self.target_reached:
+            parts.append(f"target {self.cfg.train.target_val_loss} reached at step {self.target_reached['step']} "
+                         f"({format_duration(self.target_reached['train_seconds'])} of training)")
+        elif self.cfg.train.target_val_loss:
+            parts.append(f"target {self.cfg.train.target_val_loss} not reached")
         parts.append(f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written")
         self.log(" | ".join(parts))
         return record

@@ -32,7 +32,11 @@ KERNELS_AND_RECOMPUTE = {"kernels.layernorm": True, "kernels.cross_entropy": Tru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE], ids=["pytorch", "kernels+recompute"])
+MUON_WITH_KERNELS = dict(KERNELS_AND_RECOMPUTE, **{"optim.name": '"muon"'})
+
+
+@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE, MUON_WITH_KERNELS],
+                         ids=["pytorch", "kernels+recompute", "muon+kernels+recompute"])
 def test_two_processes_follow_the_single_process_trajectory(data_dir, tmp_path, extra):
     run(data_dir, tmp_path / "one", 1, **extra)
     two = run(data_dir, tmp_path / "two", 2, **extra)

@@ -28,11 +28,32 @@ def test_weight_decay_only_on_2d_weights():
 ])
 def test_lr_schedule(step, expected):
     cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, lr_decay_steps=110)
-    assert math.isclose(lr_at(step, cfg), expected, rel_tol=1e-12)
+    assert math.isclose(lr_at(step, cfg, max_steps=10_000), expected, rel_tol=1e-12)  # pinned: max_steps ignored
+    follows = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, lr_decay_steps=0)
+    assert math.isclose(lr_at(step, follows, max_steps=110), expected, rel_tol=1e-12)
 
 
 def test_lr_schedule_without_warmup_is_monotone():
     cfg = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, lr_decay_steps=50)
-    rates = [lr_at(s, cfg) for s in range(60)]
+    rates = [lr_at(s, cfg, 60) for s in range(60)]
     assert rates[0] == 1e-3 and rates[50] == 0.0
     assert all(a >= b for a, b in itertools.pairwise(rates))
+
+
+def test_a_shorter_run_gets_the_whole_schedule():
+    """lr_decay_steps = 0 (the configs' default): --train.max_steps=2000 on a 19073-step config
+    decays to min_lr by step 2000 instead of stopping near the peak."""
+    cfg = OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=700, lr_decay_steps=0)
+    assert math.isclose(lr_at(1999, cfg, 2000), 6e-5, rel_tol=1e-3)
+    assert lr_at(1999, cfg, 19073) > 5e-4
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 1e-3 / 10), (9, 1e-3),  # warmup
+    (10, 1e-3), (79, 1e-3),  # stable until the last 20% of 100 steps
+    (80, 1e-3), (90, 1e-4 + (1e-3 - 1e-4) * 10 / 20), (99, 1e-4 + (1e-3 - 1e-4) / 20),  # linear cooldown
+    (100, 1e-4), (150, 1e-4),
+])
+def test_warmup_stable_decay(step, expected):
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", cooldown_fraction=0.2)
+    assert math.isclose(lr_at(step, cfg, 100), expected, rel_tol=1e-12)
