@@ -31,10 +31,10 @@ KERNELS_AND_RECOMPUTE = {"kernels.layernorm": True, "kernels.cross_entropy": Tru
                              "recompute.policy": '"selective"'}
 
 
-@pytest.mark.slow
 MUON_WITH_KERNELS = dict(KERNELS_AND_RECOMPUTE, **{"optim.name": '"muon"'})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE, MUON_WITH_KERNELS],
                          ids=["pytorch", "kernels+recompute", "muon+kernels+recompute"])
 def test_two_processes_follow_the_single_process_trajectory(data_dir, tmp_path, extra):
