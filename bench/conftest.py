@@ -52,6 +52,8 @@ BANDWIDTH = pytest.StashKey[dict]()
 def pytest_addoption(parser):
     parser.addoption("--emulate-vram", default=None, metavar="SIZE",
                      help="cap the GPU's memory to SIZE (e.g. 12GiB) to see what fits a smaller card")
+    parser.addoption("--time-to-loss", default="full", choices=("quick", "full"),
+                     help="bench_time_to_loss.py: the full protocol (minutes on a CPU) or a few steps (CI's smoke run)")
 
 
 @pytest.hookimpl(tryfirst=True)

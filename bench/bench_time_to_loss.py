@@ -1,0 +1,130 @@
+"""Tokens to a val loss: AdamW against Muon (and, later, other recipes) on a small GPT-2, the measure
+that matters to a user who wants a model of some quality sooner, not tokens/s.
+
+Protocol (written down so it can be repeated and argued with):
+1. Corpus: a slice of Python's standard library sources (real text, offline, the same on every
+   machine with the same Python), GPT-2 BPE; val is 1% of the documents.
+2. Model: GPT-2 architecture, 4 layers, 4 heads, 128 wide, context 64; 8 sequences per step
+   (512 tokens), a run of STEPS steps, warmup 10%, each optimizer with its own schedule
+   (AdamW: cosine; Muon: warmup-stable-decay as its records use).
+3. Tuning, honestly for both: each optimizer's learning rate is chosen from a small sweep
+   (SWEEP below) by the final val loss of seed 0; Muon's AdamW part (embeddings, head, gains,
+   biases) uses the best AdamW rate.
+4. Then SEEDS seeds each at the chosen rates. The target is AdamW's mean final val loss; for
+   each Muon seed, the tokens at its first evaluation at or below it. Reported: Muon's tokens
+   to the target / AdamW's tokens (all of its run), mean and spread over seeds.
+
+`--time-to-loss=quick` (CI's smoke run) shortens everything to a few steps and one seed.
+Results: a row per optimizer in the usual results files, and `time-to-loss_<device>_<time>.json`
+(kept in the repository: the CPU figures are evidence, unlike CPU timings).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sysconfig
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from bench.common import RESULTS_DIR, Row, slug
+from gptfast.config import load_config
+from gptfast.data import prepare_recipe
+from gptfast.trainer import Trainer
+
+FULL = {"steps": 240, "eval_interval": 20, "seeds": [0, 1, 2],
+        "sweep": {"adamw": [1e-3, 3e-3, 6e-3], "muon": [0.01, 0.02, 0.04]}}
+QUICK = {"steps": 6, "eval_interval": 3, "seeds": [0], "sweep": {"adamw": [3e-3], "muon": [0.02]}}
+PACKAGES = ("json", "email", "asyncio", "unittest", "logging", "http")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for package in PACKAGES for p in (root / package).rglob("*.py"))
+    data = tmp_path_factory.mktemp("time_to_loss_data")
+    prepare_recipe("text", data, name="corpus", inputs=files, val_fraction=0.01, log=lambda _: None)
+    return data
+
+
+def overrides(data: Path, out: Path, protocol: dict, optimizer: str, lr: float, adamw_lr: float, seed: int):
+    steps = protocol["steps"]
+    values = {
+        "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128, "model.block_size": 64,
+        "data.dataset": '"corpus"', "data.data_dir": f'"{data}"',
+        "optim.name": f'"{optimizer}"', "optim.lr": adamw_lr, "optim.min_lr": adamw_lr / 10,
+        "optim.warmup_steps": max(1, steps // 10), "optim.lr_decay_steps": 0,
+        "optim.schedule": '"wsd"' if optimizer == "muon" else '"cosine"', "optim.muon_lr": lr,
+        "train.micro_batch_size": 8, "train.grad_accum_steps": 1, "train.max_steps": steps,
+        "train.eval_interval": protocol["eval_interval"], "train.eval_steps": 16, "train.log_interval": steps,
+        "train.checkpoint_interval": steps, "train.out_dir": f'"{out}"', "train.device": '"cpu"',
+        "train.dtype": '"float32"', "train.sample_tokens": 0, "train.seed": seed, "train.resume": "false",
+    }
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def train(data: Path, out: Path, protocol: dict, optimizer: str, lr: float, adamw_lr: float, seed: int):
+    """(final val loss, [(tokens, val loss)] at each evaluation, wall seconds)."""
+    cfg = load_config(None, overrides(data, out, protocol, optimizer, lr, adamw_lr, seed))
+    result = Trainer(cfg, log=lambda _: None).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return result.val_loss, curve, result.summary["wall_seconds"]
+
+
+def tokens_to(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((tokens for tokens, loss in curve if loss <= target), None)
+
+
+def test_muon_vs_adamw_tokens_to_loss(benchmark, record, request, device, device_info, corpus, tmp_path):
+    mode = request.config.getoption("--time-to-loss")
+    protocol = QUICK if mode == "quick" else FULL
+    runs: dict = {"sweep": {}, "seeds": {}}
+
+    def experiment():
+        best = {}
+        for optimizer in ("adamw", "muon"):
+            for lr in protocol["sweep"][optimizer]:
+                adamw_lr = lr if optimizer == "adamw" else best["adamw"]
+                final, _, _ = train(corpus, tmp_path / f"sweep-{optimizer}-{lr}", protocol, optimizer, lr, adamw_lr, 0)
+                runs["sweep"][f"{optimizer} lr={lr}"] = final
+            candidates = {lr: runs["sweep"][f"{optimizer} lr={lr}"] for lr in protocol["sweep"][optimizer]}
+            best[optimizer] = min(candidates, key=candidates.get)
+        for optimizer in ("adamw", "muon"):
+            for seed in protocol["seeds"]:
+                final, curve, wall = train(corpus, tmp_path / f"{optimizer}-{seed}", protocol, optimizer,
+                                           best[optimizer], best["adamw"], seed)
+                runs["seeds"].setdefault(optimizer, []).append({"seed": seed, "final": final, "curve": curve,
+                                                                 "wall_seconds": wall})
+        runs["best"] = best
+
+    benchmark.pedantic(experiment, rounds=1, iterations=1)
+    adamw, muon = runs["seeds"]["adamw"], runs["seeds"]["muon"]
+    target = statistics.mean(r["final"] for r in adamw)
+    adamw_tokens = adamw[0]["curve"][-1][0]
+    ratios = [(tokens_to(r["curve"], target) or float("inf")) / adamw_tokens for r in muon]
+    summary = {
+        "protocol": {k: v for k, v in protocol.items()}, "best_lr": runs["best"], "sweep_final_val_loss": runs["sweep"],
+        "target_val_loss": target, "adamw_tokens": adamw_tokens,
+        "adamw_final": [r["final"] for r in adamw], "muon_final": [r["final"] for r in muon],
+        "muon_tokens_to_target": [tokens_to(r["curve"], target) for r in muon],
+        "muon_over_adamw_tokens": ratios, "mean_ratio": statistics.mean(ratios),
+        "curves": {k: [r["curve"] for r in v] for k, v in runs["seeds"].items()},
+    }
+    case = f"GPT-2 4L 128w T64, {protocol['steps']} steps x 512 tokens, {len(protocol['seeds'])} seeds, CPU fp32"
+    for name, seeds in (("adamw", adamw), ("muon", muon)):
+        extra = {"best lr": runs["best"][name], "final val loss": round(statistics.mean(r["final"] for r in seeds), 4)}
+        if name == "muon":
+            extra["tokens to AdamW's final loss / AdamW's"] = (f"{statistics.mean(ratios):.2f} "
+                                                              f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+        record(Row("time_to_loss", case, name, statistics.mean(r["wall_seconds"] for r in seeds), extra=extra))
+    benchmark.extra_info.update(mean_ratio=summary["mean_ratio"], target=target)
+    if mode != "quick":
+        when = datetime.datetime.now(datetime.timezone.utc)
+        name = device_info.name if device_info.kind == "cuda" else "cpu"
+        path = RESULTS_DIR / f"time-to-loss_{slug(name)}_{when.strftime('%Y%m%d-%H%M%S')}.json"
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": asdict(device_info), "utc": when.isoformat(), **summary}, indent=2))
