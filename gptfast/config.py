@@ -153,6 +153,14 @@ class RecomputeConfig:
 
 
 @dataclass
+class EvalConfig:
+    hellaswag_interval: int = _field(0, "evaluate HellaSwag every this many steps (and at the end); 0: never")
+    hellaswag_limit: int = _field(0, "the first N HellaSwag items only; 0: all 10,042 of the val split")
+    hellaswag_input: str = _field("", "the HellaSwag val jsonl, read offline; empty: download once into "
+                                      "~/.cache/gptfast")
+
+
+@dataclass
 class LogConfig:
     backends: tuple[str, ...] = _field(("jsonl",), "where metrics go: jsonl (out_dir/metrics.jsonl), tensorboard "
                                                   "(event files in out_dir/tensorboard), wandb")
@@ -173,6 +181,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def tokens_per_step(self) -> int:
@@ -356,6 +365,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             fail("log.backends", f"unknown backend {backend!r}{_suggest(backend, LOG_BACKENDS)}")
     if len(set(cfg.log.backends)) != len(cfg.log.backends):
         fail("log.backends", f"names a backend twice: {list(cfg.log.backends)}")
+    if cfg.eval.hellaswag_interval < 0 or cfg.eval.hellaswag_limit < 0:
+        fail("eval.hellaswag_interval" if cfg.eval.hellaswag_interval < 0 else "eval.hellaswag_limit",
+             "must be >= 0 (0: off / all items)")
     if cfg.log.progress_seconds < 0:
         fail("log.progress_seconds", f"must be >= 0 (0: no progress lines), got {cfg.log.progress_seconds}")
     if cfg.log.wandb_mode not in WANDB_MODES:

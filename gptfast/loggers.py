@@ -39,8 +39,12 @@ def scalars(record: dict) -> dict[str, float]:
             continue
         if not math.isfinite(value):
             continue
-        name = "val/loss" if key == "val_loss" else key.replace("val_", "val/") if key.startswith("val_") \
-            else f"train/{key}"
+        if key == "val_loss":
+            name = "val/loss"
+        elif key.startswith("hellaswag_"):
+            name = "eval/" + key
+        else:
+            name = key.replace("val_", "val/") if key.startswith("val_") else f"train/{key}"
         out[name] = float(value)
     return out
 

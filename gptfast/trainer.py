@@ -61,6 +61,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device, cfg.train.dtype)
         self.cfg = resolve_config(cfg, self.device, self.amp_dtype, self.log)
         check_backends(self.cfg.log)
+        self.hellaswag_items = self._hellaswag_items()
         self.loader = self._open_data()
         self.run_dir = self._claim_run_dir()
         self._build()
@@ -86,6 +87,17 @@ class Trainer:
             self.log(f"distributed: {world} processes ({dist.get_backend()}), "
                      f"{cfg.train.grad_accum_steps // world} micro-batches each per optimizer step")
         return device
+
+    def _hellaswag_items(self) -> list | None:
+        """The HellaSwag items evaluated during training, read (or downloaded) before anything else
+        is touched, so a missing offline file is one error at the start."""
+        e = self.cfg.eval
+        if not e.hellaswag_interval or not self.dist.main:
+            return None
+        from gptfast import hellaswag
+
+        path = hellaswag.data_file("val", e.hellaswag_input or None, self.log)
+        return hellaswag.read_items(path, e.hellaswag_limit or None)
 
     def _open_data(self) -> TokenLoader:
         """Rank 0 prepares a missing dataset while the others wait; then every rank checks it."""
@@ -471,6 +483,9 @@ class Trainer:
                 self.log(f"step {self.step} | val loss {self.val_loss:.4f}")
                 if t.target_val_loss and self.val_loss <= t.target_val_loss and self.target_reached is None:
                     self._reached_target()
+            interval = self.cfg.eval.hellaswag_interval
+            if interval and (self.step % interval == 0 or done) and self.dist.main:
+                self._evaluate_hellaswag()
             reached = bool(t.target_val_loss) and evaluated and self._target_reached_everywhere()
             done = done or reached
             saved_now = self.step % t.checkpoint_interval == 0 or done
@@ -492,6 +507,26 @@ class Trainer:
             self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
         summary = self._summary(session, checkpoint)
         return TrainResult(self.step, train_loss, self.val_loss, text, checkpoint=checkpoint, summary=summary)
+
+    @torch.no_grad()
+    def _evaluate_hellaswag(self) -> dict:
+        """HellaSwag on the uncompiled model (items vary in length: no recompilation), logged."""
+        from gptfast import hellaswag
+
+        self.model.eval()
+
+        def logits(ids):
+            with self.autocast():
+                return self.model(ids)
+
+        result = hellaswag.evaluate(logits, self.hellaswag_items, get_tokenizer(), self.cfg.model.block_size,
+                                    self.device, log=self.log, progress_seconds=self.cfg.log.progress_seconds)
+        self.model.train()
+        self._record({"step": self.step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"],
+                      "hellaswag_items": result["items"], "tokens": self.step * self.cfg.tokens_per_step})
+        self.log(f"step {self.step} | hellaswag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+                 f"{result['items']} items)")
+        return result
 
     def _reached_target(self) -> None:
         """train.target_val_loss reached: record what it took (rank 0)."""

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from gptfast.config import SECTION_TYPES
 
-CLIS = ["train", "sample", "export", "prepare", "plan", "plot"]
+CLIS = ["train", "sample", "export", "prepare", "plan", "plot", "eval"]
 
 
 @pytest.mark.parametrize("cli", CLIS)
