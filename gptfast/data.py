@@ -322,6 +322,87 @@ def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
+# Pre-tokenised FineWeb 10B: the public GPT-2 shards, downloaded rather than tokenised
+
+FINEWEB10B_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/"
+FINEWEB10B_TRAIN_SHARDS = 103  # of ~100M tokens each: ~10.3B tokens, ~20 GB
+CHUNK_BYTES = 8 << 20
+
+
+def fineweb10b_names(shards: int) -> dict[str, list[str]]:
+    return {"val": ["fineweb_val_000000.bin"], "train": [f"fineweb_train_{i:06d}.bin" for i in range(1, shards + 1)]}
+
+
+def download_resumable(url: str, dest: Path, log: Callable[[str], None] = print) -> None:
+    """Download `url` to `dest` through `dest.part`, continuing a partial `.part` with an HTTP Range
+    request (from the start when the server ignores it); a line of progress every 10 s."""
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # no range support: start over
+                have = 0
+            total = have + int(response.headers.get("Content-Length", 0) or 0)
+            last = time.monotonic()
+            with open(part, "ab" if have else "wb") as f:
+                while chunk := response.read(CHUNK_BYTES):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if time.monotonic() - last >= 10:
+                        last = time.monotonic()
+                        log(f"  {dest.name}: {have / 2**20:,.0f}" + (f" / {total / 2**20:,.0f}" if total else "")
+                            + " MiB")
+    except OSError as e:
+        raise DataError(f"could not download {url} ({e}); the partial file {part} is kept and the next run "
+                        "continues it; offline, copy the shards into the dataset folder by hand") from None
+    os.replace(part, dest)
+
+
+def prepare_fineweb10b(data_dir: str | Path, shards: int = FINEWEB10B_TRAIN_SHARDS, name: str = "fineweb10b",
+                       log: Callable[[str], None] = print, base_url: str | None = None) -> Path:
+    """Download the val shard and the first `shards` train shards of FineWeb 10B, pre-tokenised
+    with GPT-2's BPE, into data_dir/name, and describe them in meta.json. Shards already complete
+    (their header's token count matches their size) are kept; partial ones continue."""
+    if not is_dataset_name(name):
+        raise DataError(f"--name {name!r} must be a plain name (letters, digits, '.', '_', '-')")
+    if not 1 <= shards <= FINEWEB10B_TRAIN_SHARDS:
+        raise DataError(f"--shards must be in [1, {FINEWEB10B_TRAIN_SHARDS}], got {shards}")
+    base = base_url or os.environ.get("GPTFAST_FINEWEB10B_URL", FINEWEB10B_URL)
+    folder = Path(data_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_dataset(folder, exclusive=True)
+    try:
+        names = fineweb10b_names(shards)
+        counts = {"train": 0, "val": 0}
+        all_names = [(split, n) for split in ("val", "train") for n in names[split]]
+        for index, (split, shard) in enumerate(all_names, 1):
+            dest = folder / shard
+            try:
+                count = shard_token_count(dest) if dest.exists() else None
+            except DataError as e:
+                log(f"  {shard}: {e}; downloading it again")
+                dest.unlink()
+                count = None
+            if count is None:
+                log(f"[{index}/{len(all_names)}] downloading {shard}")
+                download_resumable(base + shard, dest, log)
+                count = shard_token_count(dest)  # a wrong size is an error naming the file
+            counts[split] += count
+        meta = {"name": name, "recipe": "fineweb10b", "source": base, "tokenizer": "gpt2", "vocab_size": 50257,
+                "eot_token": 50256, "dtype": "uint16", "shards": names,
+                "train_tokens": counts["train"], "val_tokens": counts["val"]}
+        text = json.dumps(meta, indent=2).encode()
+        atomic_write(folder / "meta.json", lambda f: f.write(text))
+    finally:
+        if lock is not None:
+            lock.close()
+    log(f"dataset '{name}': {len(names['train'])} train shards, {counts['train']:,} train tokens, "
+        f"{counts['val']:,} val tokens")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -347,23 +428,54 @@ def ensure_prepared(cfg: DataConfig, log: Callable[[str], None] = print) -> Path
     raise DataError(f"dataset '{cfg.dataset}' is not prepared ({folder}/meta.json is missing); run: {hint}")
 
 
-# Datasets that need the network and the `datasets` package; data/README.md has their recipes.
+# Datasets that need the network; data/README.md has their recipes.
 DOCUMENTED_ELSEWHERE = {
-    "fineweb": "python data/hf_dataset.py fineweb (needs the network and `pip install datasets`)",
+    "fineweb10b": "python -m gptfast.prepare fineweb10b --data-dir data (downloads ~20 GB of pre-tokenised "
+                  "shards; --shards N for fewer, 100M tokens each)",
+    "fineweb": "python data/hf_dataset.py fineweb (needs the network and `pip install datasets`; "
+               "`python -m gptfast.prepare fineweb10b` downloads the same text pre-tokenised)",
     "openwebtext": "python data/hf_dataset.py openwebtext (needs the network and `pip install datasets`)",
 }
 
 
-def load_tokens(path: Path, vocab_size: int) -> np.memmap:
-    """Memory-map a token file after checking its size and that every id is < vocab_size."""
+# The public pre-tokenised GPT-2 shards (llm.c's and modded-nanogpt's FineWeb 10B): a header of 256
+# int32 (magic, version, token count, then zeros), then the uint16 tokens.
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+def shard_token_count(path: Path) -> int:
+    """The token count a shard's header records, after checking the header and the file's size."""
+    try:
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(SHARD_HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise DataError(f"shard {path}: unreadable ({e})") from None
+    if len(header) < 3 or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise DataError(f"shard {path}: not a GPT-2 token shard (header magic {int(header[0]) if len(header) else None},"
+                        f" expected {SHARD_MAGIC}, version {SHARD_VERSION})")
+    count = int(header[2])
+    size = path.stat().st_size
+    if size != SHARD_HEADER_BYTES + count * TOKEN_DTYPE.itemsize:
+        raise DataError(f"shard {path}: {size:,} bytes, but its header records {count:,} tokens "
+                        f"({SHARD_HEADER_BYTES + 2 * count:,} bytes): a truncated download? prepare it again")
+    return count
+
+
+def load_tokens(path: Path, vocab_size: int, shard: bool = False) -> np.memmap:
+    """Memory-map a token file (or, with `shard`, a header-prefixed shard) after checking its size
+    and that every id is < vocab_size."""
     if not path.exists():
         raise DataError(f"token file {path} does not exist")
     size = path.stat().st_size
-    if size % TOKEN_DTYPE.itemsize:
+    offset = 0
+    if shard:
+        shard_token_count(path)
+        offset = SHARD_HEADER_BYTES
+    elif size % TOKEN_DTYPE.itemsize:
         raise DataError(f"token file {path} has {size} bytes, an odd count: uint16 tokens take 2 bytes each")
-    if size == 0:
+    if size == offset:
         raise DataError(f"token file {path} is empty")
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=offset)
     # One streaming pass (about a second per GB): a bad id would otherwise index past the
     # embedding on the GPU, which fails far from its cause or not at all.
     chunk = 1 << 26
@@ -419,11 +531,21 @@ class TokenLoader:
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
         self.lock = lock_dataset(folder, exclusive=False)  # `prepare` waits until this loader is closed
         self.meta = read_meta(folder)
-        self.tokens = {split: load_tokens(folder / f"{split}.bin", vocab_size) for split in self.SPLIT_IDS}
-        for split, tokens in self.tokens.items():
-            if len(tokens) < block_size + 1:
-                raise DataError(f"the {split} split of {folder} has {len(tokens):,} tokens, fewer than "
+        # Each split is a list of token arrays: one file, or a dataset of shards (meta.json's
+        # "shards": {"train": [...], "val": [...]}, the public pre-tokenised format).
+        self.tokens, self.window_ends = {}, {}
+        for split in self.SPLIT_IDS:
+            shards = self.meta.get("shards", {}).get(split) if isinstance(self.meta.get("shards"), dict) else None
+            arrays = ([load_tokens(folder / name, vocab_size, shard=True) for name in shards] if shards
+                      else [load_tokens(folder / f"{split}.bin", vocab_size)])
+            longest = max(len(a) for a in arrays)
+            arrays = [a for a in arrays if len(a) >= block_size + 1]  # a shard too short holds no window
+            if not arrays:
+                raise DataError(f"the {split} split of {folder} has {longest:,} tokens in its longest file, fewer than "
                                 f"block_size + 1 = {block_size + 1}: lower model.block_size or add data")
+            self.tokens[split] = arrays
+            # window starts numbered across the arrays: array i holds len(i) - block_size of them
+            self.window_ends[split] = np.cumsum([len(a) - block_size for a in arrays])
         self.pin = device.type == "cuda"
 
     def close(self) -> None:
@@ -434,10 +556,14 @@ class TokenLoader:
 
     def batch(self, split: str, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (batch_size, block_size) int64 on the device; y is x shifted by one token."""
-        tokens = self.tokens[split]
+        arrays, ends = self.tokens[split], self.window_ends[split]
         rng = np.random.default_rng([self.seed, self.SPLIT_IDS[split], step, micro_step])
-        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-        windows = np.stack([tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        # One draw over every window of the split (a single file: the same draws as ever), then
+        # the array holding it: deterministic in (seed, step), across any number of shards.
+        starts = rng.integers(0, ends[-1], size=self.batch_size)
+        which = np.searchsorted(ends, starts, side="right")
+        offsets = starts - np.concatenate([[0], ends[:-1]])[which]
+        windows = np.stack([arrays[i][s:s + self.block_size + 1] for i, s in zip(which, offsets)]).astype(np.int64)
         windows = torch.from_numpy(windows)  # (B, T + 1)
         if self.pin:
             # Pinned host memory lets the copy run asynchronously with the previous step's kernels.
