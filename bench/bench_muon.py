@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bench.bench_train import CONFIGS, REPO, token_dir  # noqa: F401  (a fixture, used by name)
+from bench.bench_train import CONFIGS, REPO
 from bench.common import Row, synchronize, time_calls
 from gptfast.config import load_config
 from gptfast.muon import Muon, muon_param_groups
@@ -19,7 +19,7 @@ from gptfast.trainer import Trainer
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_newton_schulz_share_of_a_step(benchmark, record, device, device_info, token_dir, tmp_path, config):  # noqa: F811
+def test_newton_schulz_share_of_a_step(benchmark, record, device, device_info, token_dir, tmp_path, config):
     overrides = ["--optim.name=muon", f"--data.data_dir={token_dir}", "--data.dataset=random",
                  f"--train.out_dir={tmp_path}", "--train.resume=false", "--train.sample_tokens=0"]
     if device.type != "cuda":

@@ -11,10 +11,8 @@ that much memory: a config that does not fit at its micro-batch is retried at ha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,18 +27,6 @@ PROVIDERS = {
     "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true"],
     "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false"],
 }
-
-
-@pytest.fixture(scope="module")
-def token_dir(tmp_path_factory) -> Path:
-    """A dataset of random GPT-2 token ids: throughput does not depend on the text."""
-    folder = tmp_path_factory.mktemp("bench_data") / "random"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4_000_000), ("val", 200_000)):
-        rng.integers(0, 50257, n, dtype=np.uint16).tofile(folder / f"{split}.bin")
-    (folder / "meta.json").write_text(json.dumps({"name": "random", "vocab_size": 50257}))
-    return folder.parent
 
 
 def build_trainer(config: str, provider: str, micro_batch: int | None, accum: int | None, data: Path, out: Path,

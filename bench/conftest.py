@@ -8,7 +8,11 @@ floor fractions, tokens/s, MFU, peak memory) and the same rows as a markdown tab
 from __future__ import annotations
 
 import datetime
+import json
 import os
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -121,3 +125,15 @@ def pytest_sessionfinish(session):
     if reporter is not None:
         reporter.write_line(f"gptfast results: {json_path} and {md_path}")
         reporter.write_line(md_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory) -> Path:
+    """A dataset of random GPT-2 token ids: throughput does not depend on the text."""
+    folder = tmp_path_factory.mktemp("bench_data") / "random"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4_000_000), ("val", 200_000)):
+        rng.integers(0, 50257, n, dtype=np.uint16).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps({"name": "random", "vocab_size": 50257}))
+    return folder.parent

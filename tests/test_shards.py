@@ -98,7 +98,7 @@ def test_windows_come_from_every_shard_deterministically(shard_server, tmp_path)
     for step in range(20):
         x, y = loader.batch("train", step)
         assert torch.equal(x, again.batch("train", step)[0]) and torch.equal(x[:, 1:], y[:, :-1])
-        arrays, ends = loader.tokens["train"], loader.window_ends["train"]
+        ends = loader.window_ends["train"]
         rng = np.random.default_rng([7, 0, step, 0])
         seen |= set(np.searchsorted(ends, rng.integers(0, ends[-1], size=64), side="right").tolist())
     assert seen == {0, 1, 2}
