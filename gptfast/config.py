@@ -130,8 +130,9 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the model")
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     sample_tokens: int = _field(64, "tokens sampled at the end of the run; 0 for none")
-    init_from: str = _field("", "a Hugging Face GPT-2 directory to start from; its config.json sets the "
-                                "architecture ([model] keeps only dropout)")
+    init_from: str = _field("", "a Hugging Face GPT-2 to start from: a directory, or a hub name (gpt2, gpt2-medium, "
+                                "org/name) found in the Hugging Face cache or downloaded into it; its config.json sets "
+                                "the architecture ([model] keeps only dropout)")
     memory_budget: str = _field("", "plan micro-batch and activation recomputation into this much GPU memory, e.g. "
                                     "\"12GiB\"; empty: train as configured")
     target_val_loss: float = _field(0.0, "stop at the first evaluation whose val loss is at or below this, and "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +23,55 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # config.json values under which the checkpoint computes what gptfast's GPT computes
 REQUIRED_CONFIG = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_by_inverse_layer_idx": (False,),
                    "reorder_and_upcast_attn": (False,), "scale_attn_weights": (True,)}
+
+
+HUB_URL = "https://huggingface.co/"
+HUB_FILES = ("config.json", "model.safetensors")
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def hub_cache() -> Path:
+    """Hugging Face's cache of hub models (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return Path(home) / "hub"
+
+
+def resolve_source(source: str, log=print) -> Path:
+    """init_from as a directory: a local Hugging Face GPT-2 directory as given, or a hub name
+    ("gpt2", "gpt2-medium", "org/name") found in the Hugging Face cache, or, online, downloaded
+    into it (HF_HUB_OFFLINE=1: never). A clear error names what is missing and where it looked."""
+    path = Path(source)
+    if path.is_dir() or "/" in source and path.exists() or not HUB_NAME.fullmatch(source):
+        return path
+    repo = hub_cache() / ("models--" + source.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if all((snapshot / name).is_file() for name in HUB_FILES):
+            return snapshot
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise CheckpointError(f"init_from {source!r}: not a local directory, and not in the Hugging Face cache "
+                              f"({repo} lacks {' and '.join(HUB_FILES)}); HF_HUB_OFFLINE is set, so nothing is "
+                              "downloaded: pass a directory, or download it once online")
+    from gptfast.data import download_resumable
+    from gptfast.errors import DataError
+
+    snapshot = repo / "snapshots" / "main"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    base = os.environ.get("GPTFAST_HF_URL", HUB_URL)
+    for name in HUB_FILES:
+        if not (snapshot / name).is_file():
+            log(f"downloading {base}{source}/resolve/main/{name}")
+            try:
+                download_resumable(f"{base}{source}/resolve/main/{name}", snapshot / name, log)
+            except DataError as e:
+                raise CheckpointError(f"init_from {source!r}: not a local directory, not in the Hugging Face cache "
+                                      f"({repo}), and the download failed: {e}") from None
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text("main")
+    return snapshot
 
 
 def read_hf_config(folder: Path) -> dict:

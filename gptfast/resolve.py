@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,8 +24,12 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
     if t.init_from:  # the architecture is the pretrained checkpoint's, on resume too
         from gptfast import hf
 
-        hf_model = hf.model_config_from_hf(hf.read_hf_config(Path(t.init_from)), cfg.model.dropout)
+        folder = hf.resolve_source(t.init_from, log)  # a directory, or a hub name through the HF cache
+        hf_model = hf.model_config_from_hf(hf.read_hf_config(folder), cfg.model.dropout)
         cfg = dataclasses.replace(cfg, model=hf_model)
+        if str(folder) != t.init_from:
+            log(f"init_from {t.init_from!r}: {folder}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(folder)))
     act_bytes = 2 if amp_dtype is not None else 4
     if t.memory_budget:
         chosen = memory.plan(cfg, memory.budget_bytes(t.memory_budget, "train.memory_budget"), act_bytes)

@@ -135,3 +135,54 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts():
     logits = torch.tensor([[3.0, 2.0, 1.0, -5.0]])  # softmax ~ [0.66, 0.24, 0.09, 0.0003]
     picks = {int(sample_next(logits, 1.0, None, 0.8, torch.Generator().manual_seed(s))) for s in range(200)}
     assert picks == {0, 1}  # 0.66 < 0.8, so the nucleus is the first two tokens
+
+
+def test_init_from_a_hub_name_through_the_cache_or_a_download(tiny_config, tmp_path, monkeypatch):
+    """init_from = "gpt2"-style names: found in the Hugging Face cache offline; downloaded into it
+    (here from a server on loopback) online; with HF_HUB_OFFLINE and nothing cached, one error
+    naming where it looked. No network and no transformers needed."""
+    import functools
+    import http.server
+    import threading
+
+    from gptfast.trainer import Trainer
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    torch.manual_seed(3)
+    source = GPT(cfg)
+    served = tmp_path / "served" / "tiny-gpt2"
+    hf.export_hf(source.state_dict(), cfg, served)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"init_from 'tiny-gpt2': not a local directory, and not in the "
+                                              r"Hugging Face cache .*models--tiny-gpt2"):
+        hf.resolve_source("tiny-gpt2")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        """The hub's URL layout, NAME/resolve/main/FILE, onto the served folder's NAME/FILE."""
+
+        def translate_path(self, path):
+            return super().translate_path(path.replace("/resolve/main/", "/"))
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(tmp_path / "served")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GPTFAST_HF_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    try:
+        folder = hf.resolve_source("tiny-gpt2", log=lambda _: None)
+    finally:
+        server.shutdown()
+    assert folder == cache / "models--tiny-gpt2" / "snapshots" / "main"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # now cached: found offline
+    assert hf.resolve_source("tiny-gpt2") == folder
+
+    trainer = Trainer(tiny_config({"train.init_from": '"tiny-gpt2"', "train.max_steps": 1}), log=lambda _: None)
+    assert trainer.cfg.train.init_from == str(folder) and trainer.cfg.model.n_embd == 32
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value)
