@@ -36,7 +36,7 @@ from gptfast.data import prepare_recipe
 from gptfast.trainer import Trainer
 
 FULL = {"steps": 240, "eval_interval": 20, "seeds": [0, 1, 2],
-        "sweep": {"adamw": [1e-3, 3e-3, 6e-3], "muon": [0.01, 0.02, 0.04]}}
+        "sweep": {"adamw": [3e-4, 1e-3, 3e-3], "muon": [0.005, 0.01, 0.02]}}
 QUICK = {"steps": 6, "eval_interval": 3, "seeds": [0], "sweep": {"adamw": [3e-3], "muon": [0.02]}}
 PACKAGES = ("json", "email", "asyncio", "unittest", "logging", "http")
 

@@ -63,3 +63,19 @@ def tiny_config(data_dir, tmp_path):
     def make(extra: dict | None = None, out_dir: Path | None = None):
         return load_config(None, tiny_overrides(data_dir, out_dir or tmp_path / "run", extra))
     return make
+
+
+def crash_at_step(trainer, step: int) -> None:
+    """Run `trainer` until it is about to train step `step + 1`, then kill it there (a
+    KeyboardInterrupt out of run(), as a process dying would leave it): the checkpoint on disk is
+    the last one written before."""
+    real_step = trainer.train_step
+
+    def crashing():
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return real_step()
+
+    trainer.train_step = crashing
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, crash_at_step, tiny_overrides
 from gptfast.train import main as train_main
 from gptfast.trainer import Trainer
 
@@ -33,23 +33,19 @@ def test_metrics_and_checkpoints_of_a_short_run(tiny_config, tmp_path):
     assert (out / "config.toml").read_text().startswith("[model]")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_interrupted_run_resumes_bit_exact(tiny_config, tmp_path, dropout):
-    extra = {"model.dropout": dropout}
+MUON = {"optim.name": '"muon"', "optim.muon_lr": 0.02}
+EVERY_KERNEL = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kernels.adamw": True,
+                "recompute.policy": '"selective"'}
+
+
+@pytest.mark.parametrize("extra", [{"model.dropout": 0.0}, {"model.dropout": 0.1}, MUON, dict(MUON, **EVERY_KERNEL)],
+                         ids=["adamw", "adamw+dropout", "muon", "muon+kernels+recompute"])
+def test_interrupted_run_resumes_bit_exact(tiny_config, tmp_path, extra):
     straight = Trainer(tiny_config(extra, out_dir=tmp_path / "straight"), log=quiet)
     straight.run()
 
     crashing = Trainer(tiny_config(extra, out_dir=tmp_path / "resumed"), log=quiet)
-    real_step = crashing.train_step
-
-    def crash_after_four():
-        if crashing.step == 4:
-            raise KeyboardInterrupt  # the process dies after step 4; the checkpoint is step 3's
-        return real_step()
-
-    crashing.train_step = crash_after_four
-    with pytest.raises(KeyboardInterrupt):
-        crashing.run()
+    crash_at_step(crashing, 4)  # dies during step 5; the checkpoint on disk is step 3's
     resumed = Trainer(tiny_config(extra, out_dir=tmp_path / "resumed"), log=quiet)
     assert resumed.step == 3
     resumed.run()
