@@ -99,11 +99,6 @@ def test_state_dict_round_trip_and_refuses_an_adamw_state():
         again.load_state_dict(torch.optim.AdamW(others).state_dict())
 
 
-def records(out_dir, key):
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[key]) for r in rows if key in r]
-
-
 MUON = {"optim.name": '"muon"', "optim.muon_lr": 0.02}
 
 
