@@ -8,7 +8,7 @@ Protocol (written down so it can be repeated and argued with):
    (512 tokens), a run of STEPS steps, warmup 10%, each optimizer with its own schedule
    (AdamW: cosine; Muon: warmup-stable-decay as its records use).
 3. Tuning, honestly for both: each optimizer's learning rate is chosen from a small sweep
-   (SWEEP below) by the final val loss of seed 0; Muon's AdamW part (embeddings, head, gains,
+   (FULL["sweep"] below) by the final val loss of seed 0; Muon's AdamW part (embeddings, head, gains,
    biases) uses the best AdamW rate.
 4. Then SEEDS seeds each at the chosen rates. The target is AdamW's mean final val loss; for
    each Muon seed, the tokens at its first evaluation at or below it. Reported: Muon's tokens
