@@ -55,8 +55,8 @@ def independent_scores(model, items):
             tail = enc.encode_ordinary(" " + ending)
             ids = torch.tensor([context + tail])
             with torch.no_grad():
-                out = model(ids)
-            logits = getattr(out, "logits", out)  # transformers' output, or our logits
+                output = model(ids)
+            logits = getattr(output, "logits", output)  # transformers' output, or our logits
             losses = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")[len(context) - 1:]
             scores.append((losses.sum().item(), losses.mean().item()))
         out.append(scores)
