@@ -197,6 +197,12 @@ SECTION_TYPES: dict[str, type] = typing.get_type_hints(Config)
 SECTIONS = tuple(SECTION_TYPES)
 
 
+def _shown(name: str) -> str:
+    """A user's section or key name as an error message quotes it: as typed when it is a plain
+    name, else repr (a newline in a name must not split the one-line error)."""
+    return name if name.isidentifier() else repr(name)
+
+
 def _suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(choices)}"
@@ -246,7 +252,7 @@ def _section_from_dict(cls, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"{where}{key}: unknown key{_suggest(key, names)}")
+            raise ConfigError(f"{where}{_shown(key)}: unknown key{_suggest(key, names)}")
         doc = cls.__dataclass_fields__[key].metadata.get("doc", "")
         try:
             kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
@@ -263,7 +269,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             new = RENAMED_SECTIONS[name]
             raise ConfigError(f"{source}: [{name}]: this section is now [{new}] (same keys); rename it")
         if name not in SECTIONS:
-            raise ConfigError(f"{source}: [{name}]: unknown section{_suggest(name, SECTIONS)}")
+            raise ConfigError(f"{source}: [{_shown(name)}]: unknown section{_suggest(name, SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: {name}: expected a [{name}] table, got {values!r}")
         sections[name] = _section_from_dict(SECTION_TYPES[name], values, f"{source}: {name}.")

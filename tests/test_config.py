@@ -120,3 +120,11 @@ def test_shipped_configs_load():
         cfg = load_config(REPO / "configs" / f"{name}.toml")
         assert cfg.model.block_size == 1024 and cfg.train.dtype == "bfloat16" and cfg.train.compile
         assert abs(cfg.tokens_per_step - 524_288) <= 524_288 * 0.05, name
+
+
+@pytest.mark.parametrize("arg", ["--\n.0=1", "--train.max\nsteps=3"])
+def test_a_name_with_a_newline_is_still_a_one_line_error(arg):
+    """Found by the fuzz test: the name is quoted with repr, so the error stays one line."""
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, [arg])
+    assert "\n" not in str(raised.value) and "\\n" in str(raised.value)
