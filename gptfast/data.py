@@ -96,15 +96,32 @@ def text_documents(patterns: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(files))  # drop repeats, keep order
 
 
-def download(url: str, dest: Path) -> None:
-    tmp = dest.with_suffix(dest.suffix + ".part")
+def download(url: str, dest: Path, log: Callable[[str], None] = print, offline_hint: str = "") -> None:
+    """Download `url` to `dest` through `dest.part`, continuing a partial `.part` with an HTTP Range
+    request (from the start when the server ignores it); a line of progress every 10 s. A failure
+    is a DataError naming the URL, the kept partial file and `offline_hint`."""
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            f.write(response.read())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # no range support: start over
+                have = 0
+            total = have + int(response.headers.get("Content-Length", 0) or 0)
+            last = time.monotonic()
+            with open(part, "ab" if have else "wb") as f:
+                while chunk := response.read(CHUNK_BYTES):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if time.monotonic() - last >= 10:
+                        last = time.monotonic()
+                        log(f"  {dest.name}: {have / 2**20:,.0f}" + (f" / {total / 2**20:,.0f}" if total else "")
+                            + " MiB")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({e}); offline, pass --input FILE") from None
-    os.replace(tmp, dest)
+        kept = f"; the partial file {part} is kept and the next try continues it" if part.exists() else ""
+        raise DataError(f"could not download {url} ({e}){kept}" + (f"; {offline_hint}" if offline_hint else "")) \
+            from None
+    os.replace(part, dest)
 
 
 def _is_val(name: str, val_fraction: float) -> bool:
@@ -297,7 +314,7 @@ def prepare_recipe(recipe: str, data_dir: str | Path, *, name: str | None = None
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
                 log(f"downloading {SHAKESPEARE_URL}")
-                download(SHAKESPEARE_URL, dest)
+                download(SHAKESPEARE_URL, dest, log, offline_hint="offline, pass --input FILE")
             files = [str(dest)]
         default_val = 0.1
     elif recipe == "text":
@@ -333,32 +350,6 @@ def fineweb10b_names(shards: int) -> dict[str, list[str]]:
     return {"val": ["fineweb_val_000000.bin"], "train": [f"fineweb_train_{i:06d}.bin" for i in range(1, shards + 1)]}
 
 
-def download_resumable(url: str, dest: Path, log: Callable[[str], None] = print) -> None:
-    """Download `url` to `dest` through `dest.part`, continuing a partial `.part` with an HTTP Range
-    request (from the start when the server ignores it); a line of progress every 10 s."""
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if have and response.status != 206:  # no range support: start over
-                have = 0
-            total = have + int(response.headers.get("Content-Length", 0) or 0)
-            last = time.monotonic()
-            with open(part, "ab" if have else "wb") as f:
-                while chunk := response.read(CHUNK_BYTES):
-                    f.write(chunk)
-                    have += len(chunk)
-                    if time.monotonic() - last >= 10:
-                        last = time.monotonic()
-                        log(f"  {dest.name}: {have / 2**20:,.0f}" + (f" / {total / 2**20:,.0f}" if total else "")
-                            + " MiB")
-    except OSError as e:
-        raise DataError(f"could not download {url} ({e}); the partial file {part} is kept and the next run "
-                        "continues it; offline, copy the shards into the dataset folder by hand") from None
-    os.replace(part, dest)
-
-
 def prepare_fineweb10b(data_dir: str | Path, shards: int = FINEWEB10B_TRAIN_SHARDS, name: str = "fineweb10b",
                        log: Callable[[str], None] = print, base_url: str | None = None) -> Path:
     """Download the val shard and the first `shards` train shards of FineWeb 10B, pre-tokenised
@@ -386,7 +377,7 @@ def prepare_fineweb10b(data_dir: str | Path, shards: int = FINEWEB10B_TRAIN_SHAR
                 count = None
             if count is None:
                 log(f"[{index}/{len(all_names)}] downloading {shard}")
-                download_resumable(base + shard, dest, log)
+                download(base + shard, dest, log, offline_hint="offline, copy the shards into the dataset folder")
                 count = shard_token_count(dest)  # a wrong size is an error naming the file
             counts[split] += count
         meta = {"name": name, "recipe": "fineweb10b", "source": base, "tokenizer": "gpt2", "vocab_size": 50257,

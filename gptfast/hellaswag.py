@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from gptfast.errors import DataError
-from gptfast.files import atomic_write
 from gptfast.progress import Progress
 
 URLS = {split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -55,15 +53,11 @@ def data_file(split: str, input_file: str | None = None, log: Callable[[str], No
     path = cache_dir() / "hellaswag" / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
+    from gptfast.data import download
+
     log(f"downloading {URLS[split]} -> {path}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(URLS[split], timeout=60) as response:
-            body = response.read()
-    except OSError as e:
-        raise DataError(f"hellaswag: could not download {URLS[split]} ({e}); offline, pass --input FILE "
-                        "(the official hellaswag_<split>.jsonl)") from None
-    atomic_write(path, lambda f: f.write(body))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    download(URLS[split], path, log, offline_hint="offline, pass --input FILE (the official hellaswag_<split>.jsonl)")
     return path
 
 

@@ -13,7 +13,7 @@ import math
 import secrets
 from pathlib import Path
 
-from gptfast.config import Config, LogConfig
+from gptfast.config import Config, LogConfig, to_toml
 from gptfast.errors import ConfigError
 from gptfast.rundir import RunDir
 
@@ -69,7 +69,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-        self.writer.add_text("config", "```toml\n" + _toml(cfg) + "\n```", 0)
+        self.writer.add_text("config", "```toml\n" + to_toml(cfg) + "\n```", 0)
 
     def log(self, record: dict) -> None:
         step = record.get("step", 0)
@@ -110,17 +110,11 @@ class WandbLogger:
         self.run.finish()
 
 
-def _toml(cfg: Config) -> str:
-    from gptfast.config import to_toml
-
-    return to_toml(cfg)
-
-
 class Loggers:
     """Every configured backend behind one `log(record)`."""
 
     def __init__(self, cfg: Config, run_dir: RunDir, enabled: bool = True):
-        check_backends(cfg.log)
+        """The backends' packages were checked before the run started (check_backends)."""
         self.backends = []
         for name in cfg.log.backends if enabled else ():
             if name == "jsonl":

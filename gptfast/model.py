@@ -122,6 +122,8 @@ class MaskColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # The loss's own gradient buffer, written in place; an expanded (stride-0) gradient, which
+        # a caller differentiating the logits directly might pass, cannot be, so it is copied.
         grad = grad.clone() if not grad.is_contiguous() else grad
         grad[..., ctx.start:] = 0
         return grad, None

@@ -64,7 +64,7 @@ def projected_seconds(flops_per_token: float, tokens: int, flops_per_second: flo
     return flops_per_token * tokens / flops_per_second
 
 
-def cpu_matmul_flops(seconds: float = 0.2) -> float:
+def cpu_matmul_flops(seconds: float = 0.05) -> float:
     """fp32 matmul FLOP/s this CPU achieves with torch's threads, from a short probe."""
     import torch
 

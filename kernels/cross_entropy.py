@@ -262,6 +262,8 @@ def chunk_rows(n_rows: int, vocab: int, element_size: int, chunk_bytes: int) -> 
 AUTO_CHUNK_SHARE = 0.5
 MIN_AUTO_CHUNK_BYTES = 64 * 2**20
 CPU_AUTO_CHUNK_BYTES = 256 * 2**20
+# Whether this torch has matmuls with an fp32 output for bf16 / fp16 inputs (CUDA only; recent torch).
+FP32_OUTPUT_MATMUL = "dtype" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 def auto_chunk_bytes(device: torch.device) -> int:
@@ -277,13 +279,10 @@ def _weight_grad_chunk(grad_weight: torch.Tensor | None, grad_logits: torch.Tens
     writes fp32 directly (cuBLAS's fp32 output, `out_dtype`), accumulating in place: 8 bytes per
     V x C element per chunk. Where torch lacks that (older versions, the CPU), the bf16 product is
     widened: one chunk pays only the rounding the PyTorch path pays too; more chunks pay ~20 B."""
-    if grad_logits.dtype != torch.float32 and grad_logits.is_cuda:
-        try:
-            if grad_weight is None:
-                return torch.mm(grad_logits.T, h, out_dtype=torch.float32)
-            return torch.addmm(grad_weight, grad_logits.T, h, out_dtype=torch.float32, out=grad_weight)
-        except (TypeError, RuntimeError):  # no out_dtype overload in this torch build
-            pass
+    if grad_logits.dtype != torch.float32 and grad_logits.is_cuda and FP32_OUTPUT_MATMUL:
+        if grad_weight is None:
+            return torch.mm(grad_logits.T, h, out_dtype=torch.float32)
+        return torch.addmm(grad_weight, grad_logits.T, h, out_dtype=torch.float32, out=grad_weight)
     product = (grad_logits.T @ h).float()
     return product if grad_weight is None else grad_weight.add_(product)
 
