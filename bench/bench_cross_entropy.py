@@ -13,6 +13,8 @@ view of the leading rows, no copy).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from bench.peers import cce_linear_cross_entropy, liger_linear_cross_entropy, pr
 from gptfast.config import ModelConfig
 from gptfast.model import MaskColumns
 from kernels import cross_entropy, linear_cross_entropy
-from tests.reference import cross_entropy_ref
+from tests.reference import cross_entropy_ref, soft_cap_ref
 
 VOCAB = 50257
 CE_ROWS = [8192, 16384] if on_gpu() else [64]
@@ -29,23 +31,28 @@ PADDED_VOCAB = ModelConfig(vocab_size=VOCAB).padded_vocab_size
 LINEAR_SHAPES = [(8192, 768), (8192, 1024), (16384, 768), (16384, 1024)] if on_gpu() else [(64, 64)]
 PROVIDERS = ["gptfast", "torch", "torch_compile"]
 LINEAR_PROVIDERS = PROVIDERS + ["liger", "cce"]
+# (provider, soft cap): the modern architecture's capped loss (30, modded-nanogpt's) against the
+# PyTorch path that caps the logits it holds; the peers at the uncapped loss only.
+LINEAR_CASES = [(p, 0.0) for p in LINEAR_PROVIDERS] + [(p, 30.0) for p in PROVIDERS]
 
 
 def torch_cross_entropy(logits, targets):
     return cross_entropy_ref(logits, targets)
 
 
-def torch_linear_cross_entropy(hidden, weight, targets):
-    """The model's PyTorch path: padded logits, padding columns masked, cross_entropy."""
-    logits = MaskColumns.apply(torch.nn.functional.linear(hidden, weight), VOCAB)
+def torch_linear_cross_entropy(hidden, weight, targets, softcap=0.0):
+    """The model's PyTorch path: padded logits (soft-capped in fp32 when asked), padding columns
+    masked, cross_entropy."""
+    logits = soft_cap_ref(torch.nn.functional.linear(hidden, weight), softcap)
+    logits = MaskColumns.apply(logits, VOCAB)
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
-def gptfast_linear_cross_entropy(hidden, weight, targets):
-    """As the model calls it: the whole padded weight, the padding masked in the kernel, the chunk
-    from free memory."""
+def gptfast_linear_cross_entropy(hidden, weight, targets, softcap=0.0):
+    """As the model calls it: the whole padded weight, the padding masked in the kernel (and the
+    cap applied there), the chunk from free memory."""
     return linear_cross_entropy(hidden, weight, targets, n_classes=VOCAB, compute_dtype=torch.bfloat16,
-                                chunk_bytes=None)
+                                chunk_bytes=None, softcap=softcap)
 
 
 def peer_linear_cross_entropy(provider):
@@ -99,9 +106,9 @@ def test_cross_entropy(benchmark, record, device, bandwidth, n_rows, provider):
     benchmark.extra_info.update(gbps=row.gbps, floor_fraction=row.floor_fraction, peak_bytes=peak)
 
 
-@pytest.mark.parametrize("provider", LINEAR_PROVIDERS)
+@pytest.mark.parametrize("provider, softcap", LINEAR_CASES, ids=[f"{p}-cap{c:g}" for p, c in LINEAR_CASES])
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"N{s[0]}-C{s[1]}")
-def test_linear_cross_entropy(benchmark, record, device, shape, provider):
+def test_linear_cross_entropy(benchmark, record, device, shape, provider, softcap):
     n_rows, width = shape
     weight = (torch.randn(PADDED_VOCAB, width, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
     if provider in ("liger", "cce"):
@@ -109,7 +116,10 @@ def test_linear_cross_entropy(benchmark, record, device, shape, provider):
         tiny = torch.randn(4, width, device=device, dtype=torch.bfloat16, requires_grad=True)
         probe(provider, lambda: fn(tiny, weight, torch.randint(0, VOCAB, (4,), device=device)).backward(), device)
     else:
-        fn = provider_fn(provider, gptfast_linear_cross_entropy, torch_linear_cross_entropy)
+        ours, theirs = gptfast_linear_cross_entropy, torch_linear_cross_entropy
+        if softcap:
+            ours, theirs = (functools.partial(f, softcap=softcap) for f in (ours, theirs))
+        fn = provider_fn(provider, ours, theirs)
 
     def make():
         hidden = torch.randn(n_rows, width, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -124,7 +134,8 @@ def test_linear_cross_entropy(benchmark, record, device, shape, provider):
     seconds = time_calls(benchmark, call, device, len(sets), rounds=10)
     peak = peak_loss_memory(lambda: call(0), device)
     tokens_per_second = n_rows / seconds
-    row = record(Row("linear_cross_entropy", f"fwd+bwd N={n_rows} C={width} V={VOCAB} bf16", provider, seconds,
+    cap = f" softcap={softcap:g}" if softcap else ""
+    row = record(Row("linear_cross_entropy", f"fwd+bwd N={n_rows} C={width} V={VOCAB} bf16{cap}", provider, seconds,
                      extra={"loss peak MiB": None if peak is None else round(peak / 2**20),
                             "tokens/s": f"{tokens_per_second:,.0f}"}))
     benchmark.extra_info.update(peak_bytes=peak, tokens_per_second=tokens_per_second, case=row.case)

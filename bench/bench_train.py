@@ -22,7 +22,7 @@ from gptfast.hardware import mfu
 from gptfast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["small_4070", "mid_4070", "medium_4070"] if on_gpu() else ["cpu_smoke"]
+CONFIGS = ["small_4070", "speedrun_124m_4070", "mid_4070", "medium_4070"] if on_gpu() else ["cpu_smoke"]
 PROVIDERS = {
     "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true"],
     "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false"],

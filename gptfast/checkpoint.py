@@ -17,6 +17,7 @@ resume starts from it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from gptfast.config import ModelConfig
 from gptfast.errors import CheckpointError, RunDirError
 from gptfast.files import atomic_write, fsync_dir, tmp_path
 
@@ -201,9 +203,11 @@ def load_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> dic
 
 def check_same_model(saved_model_cfg: dict, model_cfg: dict, path: str) -> None:
     """A checkpoint can only resume a run of the same architecture; name every field that differs."""
-    fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-    diffs = [f"{k}: checkpoint {saved_model_cfg.get(k)!r}, config {model_cfg[k]!r}"
-             for k in fields if saved_model_cfg.get(k) != model_cfg[k]]
+    # A checkpoint written before a field existed has that field's default (GPT-2's switches).
+    defaults = dataclasses.asdict(ModelConfig())
+    fields = [k for k in defaults if k not in ("dropout", "zero_init_proj")]  # those two shape no weights
+    saved, current = ({k: cfg.get(k, defaults[k]) for k in fields} for cfg in (saved_model_cfg, model_cfg))
+    diffs = [f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in fields if saved[k] != current[k]]
     if diffs:
         raise CheckpointError(f"{path} was written for a different model ({'; '.join(diffs)}); "
                               "use another train.out_dir or --train.resume=false")

@@ -39,6 +39,20 @@ def is_dataset_name(name: str) -> bool:
     return bool(DATASET_NAME.fullmatch(name)) and ".." not in name
 # Activation recomputation ([recompute]): none keeps every activation for backward, selective
 # recomputes a block's cheap elementwise ops, full recomputes the whole block.
+ARCHES = ("gpt2", "modern")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2")
+# The architecture switches and their values in each arch. gpt2 is fixed (it must stay OpenAI's
+# model, which exports to Hugging Face); modern's are defaults a config may override one by one.
+GPT2_SWITCHES = {"rotary": False, "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "tie_embeddings": True,
+                 "zero_init_proj": False, "logit_softcap": 0.0}
+ARCH_DEFAULTS = {
+    "gpt2": GPT2_SWITCHES,
+    # modded-nanogpt's records (github.com/KellerJordan/modded-nanogpt): rotary, QK-norm, ReLU^2,
+    # untied head, zero-init projections, soft cap 30, no biases.
+    "modern": {"rotary": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
+               "zero_init_proj": True, "logit_softcap": 30.0, "bias": False},
+}
 RECOMPUTE_POLICIES = ("none", "selective", "full")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -65,6 +79,29 @@ class ModelConfig:
     vocab_size: int = _field(50257, "tokenizer vocabulary size (GPT-2 BPE: 50257)")
     dropout: float = _field(0.0, "dropout probability in [0, 1); 0 for pretraining")
     bias: bool = _field(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
+    arch: str = _field("gpt2", "gpt2: OpenAI's 2019 architecture (exportable to Hugging Face), every switch below "
+                               "at its GPT-2 value; modern: the switches default to the speedruns' values "
+                               "(modded-nanogpt) and each may be set back for an ablation")
+    rotary: bool = _field(False, "rotary position embeddings on queries and keys instead of learned positions "
+                                 "(Su et al. 2021, RoFormer); modern: true")
+    rotary_base: float = _field(10000.0, "rotary: the base of the rotation frequencies")
+    norm: str = _field("layernorm", "layernorm (Ba et al. 2016) or rmsnorm (Zhang & Sennrich 2019, no centring or "
+                                    "bias); modern: rmsnorm")
+    qk_norm: bool = _field(False, "RMS-normalise each head's queries and keys before attention (Dehghani et al. "
+                                  "2023; modded-nanogpt); modern: true")
+    mlp: str = _field("gelu", "the MLP's activation: gelu (GPT-2's tanh approximation) or relu2 (squared ReLU, "
+                              "So et al. 2021, Primer); modern: relu2")
+    tie_embeddings: bool = _field(True, "the lm_head shares the token embedding's matrix (GPT-2); modern: false")
+    zero_init_proj: bool = _field(False, "initialise the projections into the residual stream (attention and MLP "
+                                         "c_proj) and an untied lm_head to zero (modded-nanogpt); modern: true")
+    logit_softcap: float = _field(0.0, "logits -> cap * tanh(logits / cap) before the loss (Gemma 2; "
+                                       "modded-nanogpt); 0: off; modern: 30")
+
+    @classmethod
+    def for_arch(cls, arch: str, **values) -> "ModelConfig":
+        """A ModelConfig of `arch` with its switches' defaults (ARCH_DEFAULTS), then `values`:
+        the TOML loader fills a section the same way."""
+        return cls(**{"arch": arch, **ARCH_DEFAULTS.get(arch, {}), **values})
 
     @property
     def head_dim(self) -> int:
@@ -272,6 +309,8 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: [{_shown(name)}]: unknown section{_suggest(name, SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: {name}: expected a [{name}] table, got {values!r}")
+        if name == "model" and values.get("arch") in ARCH_DEFAULTS:  # the arch's switch defaults, then the file's
+            values = {**ARCH_DEFAULTS[values["arch"]], **values}
         sections[name] = _section_from_dict(SECTION_TYPES[name], values, f"{source}: {name}.")
     cfg = Config(**sections)
     validate(cfg, source)
@@ -299,6 +338,27 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("model.vocab_size", f"token files hold uint16 ids, so at most 65536, got {m.vocab_size}")
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.arch not in ARCHES:
+        fail("model.arch", f"expected one of {', '.join(ARCHES)}, got {m.arch!r}{_suggest(m.arch, ARCHES)}")
+    if m.norm not in NORMS:
+        fail("model.norm", f"expected one of {', '.join(NORMS)}, got {m.norm!r}{_suggest(m.norm, NORMS)}")
+    if m.mlp not in MLPS:
+        fail("model.mlp", f"expected one of {', '.join(MLPS)}, got {m.mlp!r}{_suggest(m.mlp, MLPS)}")
+    if m.arch == "gpt2":
+        for key, value in GPT2_SWITCHES.items():
+            if getattr(m, key) != value:
+                fail(f"model.{key}", f"{_toml_value(getattr(m, key))} is not GPT-2's architecture, which model.arch = "
+                                     f"\"gpt2\" keeps exactly (it exports to Hugging Face); set model.arch = \"modern\" "
+                                     f"to change it")
+    if m.logit_softcap < 0:
+        fail("model.logit_softcap", f"must be >= 0 (0: off), got {m.logit_softcap}")
+    if m.rotary_base <= 1:
+        fail("model.rotary_base", f"must be > 1, got {m.rotary_base}")
+    if m.rotary and m.head_dim % 2:
+        fail("model.rotary", f"rotary embeddings rotate pairs of channels: the head size "
+                             f"(n_embd / n_head = {m.head_dim}) must be even")
+    if t.init_from and m.arch != "gpt2":
+        fail("train.init_from", f"loads OpenAI GPT-2 weights, which need model.arch = \"gpt2\", not {m.arch!r}")
     if not is_dataset_name(cfg.data.dataset):
         fail("data.dataset", f"must be a plain dataset name (letters, digits, '.', '_', '-'; a folder inside "
                              f"data.data_dir), got {cfg.data.dataset!r}")

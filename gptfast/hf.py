@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gptfast.config import ModelConfig
+from gptfast.config import GPT2_SWITCHES, ModelConfig
 from gptfast.errors import CheckpointError
 from gptfast.files import default_file_mode
 
@@ -166,9 +166,16 @@ def hf_config_of(cfg: ModelConfig) -> dict:
 
 def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
     """Write config.json and model.safetensors that GPT2LMHeadModel.from_pretrained loads. A model
-    trained without biases is written with zero biases: the same function."""
+    trained without biases is written with zero biases: the same function. Only OpenAI's
+    architecture (model.arch = "gpt2") has a Hugging Face GPT-2 to become; anything else is
+    refused before a file is written."""
     from safetensors.torch import save_file
 
+    if cfg.arch != "gpt2":
+        switches = ", ".join(f"{k} = {getattr(cfg, k)!r}" for k, v in GPT2_SWITCHES.items() if getattr(cfg, k) != v)
+        raise CheckpointError(f"export: a model.arch = {cfg.arch!r} model ({switches}) has no Hugging Face GPT-2 "
+                              "equivalent; gptfast's own checkpoint runs as it is in `python -m gptfast.sample` "
+                              "and `python -m gptfast.eval`")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

@@ -119,15 +119,30 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
                activation dtype, 2aC); q, k, v (3aC); attention's output (aC, which c_proj also
                reads) and fp32 log-sum-exp per head (4H); the c_fc output that GELU saves (4aC)
                and the GELU output that c_proj saves (4aC): 8C + 16 + 14aC + 4H.
+               The modern switches (measured per switch, tests/test_memory.py):
+               - rmsnorm: one fp32 stat per norm instead of two (-8); on the PyTorch path also the
+                 fp32 normalised input the gain's gradient needs (+2 x 4C; the kernel keeps none);
+               - rotary or qk_norm: attention saves new q and k, not views of c_attn's output (+2aC);
+               - qk_norm: the fp32 1/rms per head of q and k (+8H), and under bf16 the fp32 copies
+                 of q and k that F.rms_norm computes in (+8C);
+               - ReLU^2 keeps the same two 4C tensors as GELU (relu's output, which the square reads).
     selective: the block's fp32 input (4C), the matmul outputs (qkv 3aC, attention's c_proj aC,
                c_fc 4aC, mlp c_proj aC) and attention's outputs (aC + 4H); LayerNorm, GELU, the
-               adds and the autocast copies are recomputed: 4C + 10aC + 4H.
+               adds and the autocast copies are recomputed: 4C + 10aC + 4H, whatever the arch.
     full:      the block's fp32 input only (4C).
-    The fused-LayerNorm path keeps the same tensors: a checkpointed block there starts from the
-    stream alone and recomputes its first LayerNorm, so `fused_ln` changes nothing in the count."""
+    The fused-norm path keeps the same tensors: a checkpointed block there starts from the
+    stream alone and recomputes its first normalisation, so `fused_ln` changes nothing in the
+    count but RMSNorm's fp32 normalised input."""
     C, H, a = cfg.n_embd, cfg.n_head, act_bytes
     if policy == "none":
-        return 8 * C + 16 + 14 * a * C + 4 * H
+        total = 8 * C + 16 + 14 * a * C + 4 * H
+        if cfg.norm == "rmsnorm":
+            total += -8 + (0 if fused_ln else 8 * C)
+        if cfg.rotary or cfg.qk_norm:
+            total += 2 * a * C
+        if cfg.qk_norm:
+            total += 8 * H + (8 * C if a == 2 else 0)
+        return total
     if policy == "selective":
         return 4 * C + 10 * a * C + 4 * H
     if policy == "full":
@@ -136,14 +151,15 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
 
 
 def padded_param_count(m: ModelConfig) -> int:
-    """Parameters as allocated (the vocabulary padded, the tied head counted once), by formula: a
+    """Parameters as allocated (the vocabulary padded, a tied head counted once), by formula: a
     config too large to build is still counted in no time (tests/test_memory.py holds it to the
     model's own count)."""
     C, b = m.n_embd, int(m.bias)
-    layer_norm = C + b * C
-    block = (2 * layer_norm + C * 3 * C + b * 3 * C + C * C + b * C  # ln_1, ln_2, attention in and out
+    norm = C if m.norm == "rmsnorm" else C + b * C
+    block = (2 * norm + C * 3 * C + b * 3 * C + C * C + b * C  # ln_1, ln_2, attention in and out
              + C * 4 * C + b * 4 * C + 4 * C * C + b * C)  # MLP in and out
-    return m.padded_vocab_size * C + m.block_size * C + m.n_layer * block + layer_norm
+    embeddings = m.padded_vocab_size * C * (1 if m.tie_embeddings else 2) + (0 if m.rotary else m.block_size * C)
+    return embeddings + m.n_layer * block + norm
 
 
 @dataclass
@@ -176,8 +192,10 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
         "adamw moments": 8 * n_params,
         "bf16 weight copies": 2 * n_params if act_bytes == 2 else 0,
         "activations": int(per_token * tokens),
-        # embedding output + ln_f input (fp32 stream), ln_f output for the head matmul
-        "embedding + head": int(tokens * (4 * m.n_embd * 2 + act_bytes * m.n_embd + 16)),
+        # embedding output + ln_f input (fp32 stream), ln_f output for the head matmul (and
+        # RMSNorm's fp32 normalised input on the PyTorch path)
+        "embedding + head": int(tokens * (4 * m.n_embd * 2 + act_bytes * m.n_embd + 16
+                                          + (4 * m.n_embd if m.norm == "rmsnorm" and not cfg.kernels.layernorm else 0))),
     }
     if fused_ce:
         # one chunk of logits (in place, also its gradient), grad_hidden, fp32 grad_weight

@@ -1,8 +1,13 @@
 """GPT-2, as OpenAI built it: pre-LN blocks, learned position embeddings, tanh-GELU MLP,
-token embedding tied to the lm_head.
+token embedding tied to the lm_head. With `model.arch = "modern"`, the architecture of the public
+speedruns (modded-nanogpt's records): rotary positions, RMSNorm on the stream and on queries and
+keys, a squared-ReLU MLP, an untied head, zero-initialised projections into the stream and a tanh
+soft cap on the logits; each is a switch of ModelConfig.
 
-References: Radford et al. 2019 (GPT-2), Karpathy's nanoGPT model.py. Attention goes through
-`F.scaled_dot_product_attention(is_causal=True)`, which picks the flash backend on CUDA.
+References: Radford et al. 2019 (GPT-2), Karpathy's nanoGPT model.py; Su et al. 2021 (rotary),
+Zhang & Sennrich 2019 (RMSNorm), Dehghani et al. 2023 (QK-norm), So et al. 2021 (ReLU^2),
+Gemma 2 (logit soft cap). Attention goes through `F.scaled_dot_product_attention(is_causal=True)`,
+which picks the flash backend on CUDA.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ SAVED_OPS = frozenset(getattr(aten, name).default for name in (
 # a memory budget: the loss never holds more of the (tokens, vocab) logits than this (the memory
 # planner counts it). Unplanned, the kernel takes half the free memory: one chunk when it fits.
 LOSS_CHUNK_BYTES = 256 * 2**20
+# RMSNorm's epsilon (on the stream and on queries and keys); LayerNorm keeps torch's 1e-5.
+RMS_NORM_EPS = 1e-6
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -48,25 +55,55 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The residual stream's normalisation: LayerNorm (GPT-2) or RMSNorm with a gain, no bias."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def rotary_tables(cfg: ModelConfig, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (length, head_dim / 2) fp32, for positions start .. start + length - 1:
+    channel pair i of a head turns by position * base^(-2i / head_dim) (Su et al. 2021)."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rotary_base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)  # (hs/2,)
+    angles = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (B, T, nh, hs) queries or keys by their positions: the first and second halves of a
+    head are the pairs' two coordinates (the GPT-NeoX layout). In fp32, returned in x's dtype."""
+    cos, sin = (t[:, None, :] for t in rope)  # (T, 1, hs/2): one angle per position and pair, every head
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, nh, hs/2) each
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). With a KV cache (two (B, nh, block_size, hs) buffers), this
         call's keys and values are written at positions start.. and attention reads every cached
-        position before them: a prompt is one call from start 0, then one call per new token."""
+        position before them: a prompt is one call from start 0, then one call per new token.
+        `rope`: the rotary tables of this call's positions (rotary_tables), or None."""
         B, T, C = x.shape
+        hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, hs) for t in (q, k, v))  # (B, T, nh, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (hs,), eps=RMS_NORM_EPS), F.rms_norm(k, (hs,), eps=RMS_NORM_EPS)
+        if rope is not None:  # keys are cached rotated: a position's rotation never changes
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         is_causal = True
         if cache is not None:
             k_cache, v_cache = cache
@@ -86,25 +123,28 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.relu2 = cfg.mlp == "relu2"
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, 4C)
         # GPT-2 was trained with the tanh approximation of GELU; the exact erf form drifts from it.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start)
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -130,7 +170,7 @@ class MaskColumns(torch.autograd.Function):
 
 
 class GPT(nn.Module):
-    """GPT-2. `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
+    """GPT-2, or the modern variant (ModelConfig.arch). `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
     the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere.
     `recompute_cfg` recomputes blocks in backward (all of a block under "full", its cheap ops
     under "selective") instead of keeping their activations (torch's activation checkpointing);
@@ -143,61 +183,90 @@ class GPT(nn.Module):
         self.kernel_cfg = kernel_cfg or KernelsConfig()
         self.recompute_cfg = recompute_cfg or RecomputeConfig()
         self.loss_chunk_bytes: int | None = None  # the fused loss's chunk budget; None: from free memory
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-        ))
+        modules = dict(wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd))
+        if not cfg.rotary:
+            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        modules.update(drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                       ln_f=make_norm(cfg))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
-        because each block adds two of them to the residual stream."""
+        because each block adds two of them to the residual stream. With zero_init_proj those
+        projections, and an untied lm_head, start at zero instead (modded-nanogpt): each block
+        starts as the identity on the stream, and the first steps shape the head."""
+        cfg = self.config
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                into_stream = name.endswith("c_proj") or (name == "lm_head" and not cfg.tie_embeddings)
+                if cfg.zero_init_proj and into_stream:
+                    nn.init.zeros_(module.weight)
+                else:
+                    std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj") else 0.02
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        # Padding rows are never an input token; zero keeps them out of the weights' statistics.
-        self.transformer.wte.weight[self.config.vocab_size:].zero_()
+        # Padding rows are never an input token nor a class; zero keeps them out of the weights' statistics.
+        self.transformer.wte.weight[cfg.vocab_size:].zero_()
+        self.lm_head.weight[cfg.vocab_size:].zero_()
 
     def num_params(self) -> int:
-        """Parameters with the tied embedding counted once and the vocabulary padding left out:
+        """Parameters with a tied embedding counted once and the vocabulary padding left out:
         124,439,808 for GPT-2 small, 354,823,168 for medium."""
         total = sum(p.numel() for p in self.parameters())
-        return total - (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        padded_matrices = 1 if self.config.tie_embeddings else 2
+        return total - padded_matrices * (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, the PaLM appendix-B count: 6N for the matmuls of forward and
         backward plus 12 * L * C * T for attention scores and their weighted sum. N leaves out the
-        position embedding (a lookup, no matmul) but keeps the token embedding (it is the lm_head)."""
+        embeddings that are lookups, not matmuls (positions; the token embedding when untied), but
+        keeps the lm_head."""
         cfg = self.config
-        n = self.num_params() - self.transformer.wpe.weight.numel()
+        n = self.num_params()
+        if "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        if not cfg.tie_embeddings:
+            n -= cfg.vocab_size * cfg.n_embd
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
+    def _embed(self, idx: torch.Tensor, start: int = 0):
+        """Token ids (B, T) at positions start.. -> (the stream (B, T, C), the rotary tables or None)."""
+        T = idx.size(1)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.rotary:
+            return x, rotary_tables(self.config, start, T, idx.device)
+        return x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device)), None
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> padded logits (B, T, V_pad), soft-capped when the config asks: in fp32 then,
+        as the capped logits go to the loss or to sampling, never to a matmul."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> final LayerNorm output (B, T, C)."""
+        """Token ids (B, T) -> final normalisation's output (B, T, C)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x, rope = self._embed(idx)
+        x = self.transformer.drop(x)  # (B, T, C)
         if self.kernel_cfg.layernorm and triton_unavailable_reason(x.device) is None:
-            return self._blocks_with_fused_layer_norm(x)
+            return self._blocks_with_fused_norm(x, rope)
         for i, block in enumerate(self.transformer.h):
-            x = self._run_block(i, block, x)
+            x = self._run_block(i, block, x, None, 0, rope)
         return self.transformer.ln_f(x)
 
     def _recomputed(self, i: int) -> bool:
@@ -214,32 +283,40 @@ class GPT(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
         return checkpoint(fn, *args, use_reentrant=False)
 
-    def _blocks_with_fused_layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks_with_fused_norm(self, x: torch.Tensor, rope) -> torch.Tensor:
         """The Block loop and ln_f, computed the same way but with each residual add fused into
-        the LayerNorm that follows it: 2 * n_layer + 1 LayerNorms, each reading and writing the
-        residual stream once. Under autocast the stream stays fp32 (as in Block.forward, where a
-        bf16 branch adds into it) while the normalised outputs are written in the autocast dtype
-        the next matmul reads."""
+        the LayerNorm (or RMSNorm) that follows it: 2 * n_layer + 1 normalisations, each reading
+        and writing the residual stream once. Under autocast the stream stays fp32 (as in
+        Block.forward, where a bf16 branch adds into it) while the normalised outputs are written
+        in the autocast dtype the next matmul reads."""
         import kernels
 
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        blocks = self.transformer.h
-        ln = blocks[0].ln_1
-        y = kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype)  # (B, T, C)
+        rms = self.config.norm == "rmsnorm"
+
+        def norm(x, ln):
+            if rms:
+                return kernels.rms_norm(x, ln.weight, ln.eps, out_dtype)
+            return kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype)
+
+        def add_norm(branch, x, ln):
+            if rms:
+                return kernels.add_rms_norm(branch, x, ln.weight, ln.eps, out_dtype)
+            return kernels.add_layer_norm(branch, x, ln.weight, ln.bias, ln.eps, out_dtype)
 
         def fused_block(y, x, block, next_ln):
             """A block from its normalised input y and stream x to the next block's (y, x)."""
-            ln = block.ln_2
-            y, x = kernels.add_layer_norm(block.attn(y), x, ln.weight, ln.bias, ln.eps, out_dtype)
-            return kernels.add_layer_norm(block.mlp(y), x, next_ln.weight, next_ln.bias, next_ln.eps, out_dtype)
+            y, x = add_norm(block.attn(y, None, 0, rope), x, block.ln_2)
+            return add_norm(block.mlp(y), x, next_ln)
 
         def fused_block_from_stream(x, block, next_ln):
             """The same from the stream alone: a recomputed block then holds only x, and
-            recomputes its first LayerNorm (cheap) rather than keeping y."""
-            ln = block.ln_1
-            return fused_block(kernels.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype), x, block, next_ln)
+            recomputes its first normalisation (cheap) rather than keeping y."""
+            return fused_block(norm(x, block.ln_1), x, block, next_ln)
 
+        blocks = self.transformer.h
+        y = norm(x, blocks[0].ln_1)  # (B, T, C)
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
             if self._recomputed(i):
@@ -255,14 +332,14 @@ class GPT(nn.Module):
         if targets is not None and self.kernel_cfg.cross_entropy and triton_unavailable_reason(idx.device) is None:
             return self._fused_loss(hidden, targets)
         if targets is None:
-            return self.lm_head(hidden)[..., : self.config.vocab_size]  # (B, T, V), a view
+            return self._head(hidden)[..., : self.config.vocab_size]  # (B, T, V), a view
         # The padding columns are set to -inf in place, so the softmax runs over the real vocabulary
         # only (a zero padding row would otherwise give logit 0, which dominates trained GPT-2's
         # logits): 47 columns written per row, and their gradient zeroed the same way. The matmul
         # keeps its aligned 50304-wide output, and autocast picks the loss dtype (fp32 for
         # cross_entropy). Slicing the columns off and casting instead copied the whole logits:
         # 1.21x slower per step than nanoGPT's loss on the CPU (bench/bench_nanogpt.py).
-        logits = MaskColumns.apply(self.lm_head(hidden), self.config.vocab_size)  # (B, T, V_pad)
+        logits = MaskColumns.apply(self._head(hidden), self.config.vocab_size)  # (B, T, V_pad)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def _fused_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -270,24 +347,24 @@ class GPT(nn.Module):
         logits are never held, only chunks of them. The kernel takes the whole padded tied
         embedding (aligned matmuls, 16-byte aligned rows) and masks the padding rows itself, so the
         gradient lands in the shared parameter and the softmax runs over the real vocabulary,
-        exactly as in the unfused path."""
+        exactly as in the unfused path. The soft cap is applied inside the kernel: the capped
+        logits never exist."""
         import kernels
 
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight,
                                             targets.reshape(-1), n_classes=self.config.vocab_size,
-                                            compute_dtype=compute_dtype, chunk_bytes=self.loss_chunk_bytes)
+                                            compute_dtype=compute_dtype, chunk_bytes=self.loss_chunk_bytes,
+                                            softcap=self.config.logit_softcap)
 
     def _logits_with_cache(self, idx: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which sits at positions start.."""
-        T = idx.size(1)
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x, rope = self._embed(idx, start)  # (B, T, C)
         for block, cache in zip(self.transformer.h, caches, strict=True):
-            x = block(x, cache, start)
+            x = block(x, cache, start, rope)
         x = self.transformer.ln_f(x[:, -1:])  # (B, 1, C)
-        return self.lm_head(x)[:, 0, : self.config.vocab_size]  # (B, V)
+        return self._head(x)[:, 0, : self.config.vocab_size]  # (B, V)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -16,7 +16,7 @@ more rows).
 
 Which parameters: every 2-D weight of the transformer blocks (attention q, k and v each as their
 own C x C matrix, though stored together in c_attn; the attention and MLP output projections;
-the MLP's c_fc). The embeddings (token, position), the tied head, LayerNorm gains and biases take
+the MLP's c_fc). The embeddings (token, position), the head (tied or not), norm gains and biases take
 AdamW at `optim.lr`, as in the records: Muon is for hidden layers. Matrices of one shape are
 orthogonalised together, one batched Newton-Schulz per shape.
 """
@@ -99,7 +99,7 @@ class Muon(torch.optim.Optimizer):
 
 def muon_param_groups(model: torch.nn.Module) -> tuple[list[dict], list[torch.nn.Parameter]]:
     """(Muon groups, the other parameters): the blocks' 2-D weights go to Muon (c_attn split into
-    q, k, v), everything else (embeddings, the tied head, LayerNorm gains, biases) to AdamW."""
+    q, k, v), everything else (embeddings, the head, norm gains, biases) to AdamW."""
     split, whole, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:

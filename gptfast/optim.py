@@ -13,7 +13,7 @@ from gptfast.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: 2-D weights (matmuls, embeddings) decay; biases and LayerNorm gains do not."""
+    """Two groups: 2-D weights (matmuls, embeddings) decay; biases and norm gains do not."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},

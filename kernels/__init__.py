@@ -8,6 +8,7 @@ and PyTorch ops is the model's job (`[kernels]` in the config).
 
 from kernels._utils import triton_supports
 from kernels.cross_entropy import cross_entropy, linear_cross_entropy
-from kernels.layernorm import add_layer_norm, layer_norm
+from kernels.layernorm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-__all__ = ["add_layer_norm", "cross_entropy", "layer_norm", "linear_cross_entropy", "triton_supports"]
+__all__ = ["add_layer_norm", "add_rms_norm", "cross_entropy", "layer_norm", "linear_cross_entropy", "rms_norm",
+           "triton_supports"]

@@ -7,6 +7,9 @@ nothing):
     dloss/dz_j = (softmax(z)_j - [j == t]) * scale_r
 with scale_r = grad_output / n_valid for reduction "mean" (n_valid: rows not ignored),
 grad_output for "sum", grad_output[r] for "none". Reference: torch.nn.functional.cross_entropy.
+With a soft cap c > 0 (Gemma 2; modded-nanogpt), the loss sees z' = c * tanh(z / c) in place of z,
+computed as the kernel reads each logit (the capped logits are never written), and the gradient
+is taken back through the cap: dloss/dz_j = dloss/dz'_j * (1 - (z'_j / c)^2).
 
 The kernel walks a row in blocks of BLOCK_V with an online log-sum-exp (Milakov & Gimelshein 2018),
 so any V works; all arithmetic is fp32 whatever the logits' dtype (fp32, bf16, fp16).
@@ -36,6 +39,20 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from one exp (Triton has no portable tanh): sign(x) (1 - e) / (1 + e) with
+    e = exp(-2|x|), which never overflows; the absolute error is a few fp32 ulps of 1."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _soft_cap(z, softcap):
+    return softcap * _tanh(z / softcap)
+
+
+@triton.jit
 def _cross_entropy_kernel(
     # data ptrs
     logits_ptr,  # (n_rows, n_cols) logits, read
@@ -52,11 +69,13 @@ def _cross_entropy_kernel(
     n_classes,  # columns < n_classes are classes; the rest are padding, excluded from the softmax
     # meta
     ignore_index,
+    softcap,  # c of the soft cap c * tanh(z / c), read when SOFTCAP
     HAS_LSE: tl.constexpr,
     WRITE_LOSS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     GRAD_OUTPUT_PER_ROW: tl.constexpr,
     MEAN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -73,7 +92,9 @@ def _cross_entropy_kernel(
         m = float("-inf")
         s = 0.0
         for start in range(0, n_cols, BLOCK_V):
-            z = tl.load(logits_row + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+            z = tl.load(logits_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                z = _soft_cap(z, softcap)
             z = tl.where(start + cols < n_classes, z, float("-inf"))  # padding columns are no class
             m_new = tl.maximum(m, tl.max(z, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -84,6 +105,8 @@ def _cross_entropy_kernel(
     if WRITE_LOSS:
         safe_target = tl.where(ignored, 0, target)
         z_target = tl.load(logits_row + safe_target).to(tl.float32)
+        if SOFTCAP:
+            z_target = _soft_cap(z_target, softcap)
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, log_s - (z_target - m)))
     if COMPUTE_GRAD:
         if GRAD_OUTPUT_PER_ROW:
@@ -97,8 +120,13 @@ def _cross_entropy_kernel(
         for start in range(0, n_cols, BLOCK_V):
             mask = start + cols < n_cols
             z = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                t = _tanh(z / softcap)
+                z = softcap * t
             p = tl.where(start + cols < n_classes, tl.exp((z - m) - log_s), 0.0)
             p = tl.where(start + cols == target, p - 1.0, p)
+            if SOFTCAP:
+                p = p * (1.0 - t * t)  # through the cap: d(c tanh(z / c)) / dz
             tl.store(grad_row + start + cols, cast_rtne(p * scale, grad_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
@@ -124,12 +152,13 @@ def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
                          lse_given: bool = False, loss: torch.Tensor | None = None,
                          grad: torch.Tensor | None = None, grad_output: torch.Tensor | None = None,
                          reduction: str = "mean", n_valid: torch.Tensor | None = None,
-                         n_classes: int | None = None) -> None:
+                         n_classes: int | None = None, softcap: float = 0.0) -> None:
     """Launch the kernel over every row of (N, V) `logits`. It computes the fp32 log-sum-exp into
     `lse` (N, 2), as (row max, log of the shifted sum) (or reads it, with `lse_given`), per-row losses into `loss` when given, and, when `grad`
     is given (it may be `logits` itself), the gradient scaled by `grad_output` (one value, or one
     per row for "none") and by 1 / n_valid for "mean". Columns from `n_classes` on (default: none)
-    are padding: left out of the softmax, given gradient 0."""
+    are padding: left out of the softmax, given gradient 0. `softcap` > 0 caps the logits as the
+    kernel reads them (the loss of c * tanh(z / c); the gradient is that of the raw logits)."""
     n_rows, n_cols = logits.shape
     if lse.shape != (n_rows, 2) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"cross_entropy: lse must be float32 ({n_rows}, 2), contiguous; got {lse.dtype} "
@@ -141,10 +170,10 @@ def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     _cross_entropy_kernel[(n_rows,)](
         logits, targets, lse, loss, grad, grad_output, n_valid,
         logits.stride(0), grad.stride(0) if compute_grad else 0,
-        n_cols, n_cols if n_classes is None else n_classes, ignore_index,
+        n_cols, n_cols if n_classes is None else n_classes, ignore_index, float(softcap),
         HAS_LSE=lse_given, WRITE_LOSS=loss is not None, COMPUTE_GRAD=compute_grad,
         GRAD_OUTPUT_PER_ROW=compute_grad and reduction == "none", MEAN=reduction == "mean",
-        BLOCK_V=block_v, INTERPRETED=interpreted(logits.device), num_warps=num_warps,
+        SOFTCAP=softcap > 0, BLOCK_V=block_v, INTERPRETED=interpreted(logits.device), num_warps=num_warps,
     )
 
 
@@ -288,7 +317,7 @@ def _weight_grad_chunk(grad_weight: torch.Tensor | None, grad_logits: torch.Tens
 
 
 def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
-                      grad_output_rows, want_grads, n_classes):
+                      grad_output_rows, want_grads, n_classes, softcap):
     """The chunk loop shared by forward (loss, and gradients scaled for mean/sum) and the
     reduction="none" backward (gradients scaled per row).
     Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads."""
@@ -312,7 +341,7 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
         go = grad_output[start:end] if grad_output_rows is not None else grad_output
         cross_entropy_launch(logits, targets[start:end], ignore_index, lse[start:end], loss=loss_rows[start:end],
                              grad=logits if want_grads else None, grad_output=go, reduction=reduction,
-                             n_valid=n_valid, n_classes=n_classes)
+                             n_valid=n_valid, n_classes=n_classes, softcap=softcap)
         if want_grads:  # logits now hold their gradient
             grad_hidden[start:end] = logits @ w  # (n, C)
             grad_weight = _weight_grad_chunk(grad_weight, logits, h)  # (V, C) fp32, across chunks
@@ -324,18 +353,19 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
 @torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       reduction: str, compute_dtype: torch.dtype, chunk_bytes: int, want_grads: bool,
-                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      n_classes: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tensors("linear_cross_entropy", hidden, weight, targets)
     _check_targets(targets, hidden.shape[0], n_classes, ignore_index)
     grads_now = want_grads and reduction != "none"  # "none" needs per-row grad_output: backward recomputes
     loss_rows, n_valid, grad_hidden, grad_weight = _linear_ce_chunks(
-        hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now, n_classes)
+        hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now, n_classes,
+        softcap)
     return (_reduce(loss_rows, reduction, n_valid), grad_hidden if grads_now else hidden.new_empty(0),
             grad_weight if grads_now else hidden.new_empty(0))
 
 
 @_linear_ce_fwd_op.register_fake
-def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes):
+def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap):
     grads_now = want_grads and reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grads_now else hidden.new_empty(0)
@@ -346,25 +376,25 @@ def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_byt
 @torch.library.custom_op("gptfast::linear_cross_entropy_bwd_rows", mutates_args=())
 def _linear_ce_bwd_rows_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            grad_output: torch.Tensor, ignore_index: int, compute_dtype: torch.dtype,
-                           chunk_bytes: int, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk_bytes: int, n_classes: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     _, _, grad_hidden, grad_weight = _linear_ce_chunks(
         hidden, weight, targets, ignore_index, "none", compute_dtype, chunk_bytes,
-        grad_output.float().contiguous(), True, n_classes)
+        grad_output.float().contiguous(), True, n_classes, softcap)
     return grad_hidden, grad_weight
 
 
 @_linear_ce_bwd_rows_op.register_fake
-def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_bytes, n_classes):
+def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_bytes, n_classes, softcap):
     return torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 def _linear_ce_setup(ctx, inputs, output):
-    hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes = inputs
+    hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap = inputs
     _, grad_hidden, grad_weight = output
     # Only the loss is differentiated: the gradients of the two gradient outputs are never used,
     # and materialising them would zero-fill an (N, C) and a (V, C) fp32 buffer every step.
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.ignore_index, ctx.n_classes = reduction, ignore_index, n_classes
+    ctx.reduction, ctx.ignore_index, ctx.n_classes, ctx.softcap = reduction, ignore_index, n_classes, softcap
     ctx.compute_dtype, ctx.chunk_bytes, ctx.weight_dtype = compute_dtype, chunk_bytes, weight.dtype
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, targets)
@@ -376,7 +406,8 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
     if ctx.reduction == "none":
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden, grad_weight = _linear_ce_bwd_rows_op(hidden, weight, targets, grad_loss, ctx.ignore_index,
-                                                          ctx.compute_dtype, ctx.chunk_bytes, ctx.n_classes)
+                                                          ctx.compute_dtype, ctx.chunk_bytes, ctx.n_classes,
+                                                          ctx.softcap)
     else:
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden.numel() == 0 and grad_weight.numel() == 0:
@@ -384,7 +415,7 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
         # The forward computed the gradients for grad_output = 1; scaling is a device op, no sync.
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = grad_weight * grad_loss
-    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None)
+    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None, None)
 
 
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
@@ -392,8 +423,10 @@ _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_c
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          chunk_bytes: int | None, n_classes: int | None = None, ignore_index: int = -100,
-                         reduction: str = "mean", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`F.cross_entropy((hidden @ weight.T)[:, :n_classes], targets)` without the (N, V) logits.
+                         reduction: str = "mean", compute_dtype: torch.dtype | None = None,
+                         softcap: float = 0.0) -> torch.Tensor:
+    """`F.cross_entropy((hidden @ weight.T)[:, :n_classes], targets)` without the (N, V) logits;
+    with `softcap` > 0 the logits are first capped, c * tanh(z / c), inside the kernel.
 
     hidden (N, C), weight (V, C) (a tied embedding works: the gradient lands in the parameter),
     targets (N,) int64 in [0, n_classes). Pass a vocabulary padded to a multiple of 64 whole, with
@@ -415,9 +448,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     n_classes = weight.shape[0] if n_classes is None else n_classes
     if not 0 < n_classes <= weight.shape[0]:
         raise ValueError(f"linear_cross_entropy: n_classes must be in [1, {weight.shape[0]}], got {n_classes}")
+    if not softcap >= 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be >= 0 (0: off), got {softcap}")
     if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_bytes must be positive (or None), got {chunk_bytes}")
     compute_dtype = compute_dtype or hidden.dtype
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes or 0,
-                             want_grads, n_classes)[0]
+                             want_grads, n_classes, float(softcap))[0]

@@ -1,15 +1,17 @@
-"""Fused LayerNorm and residual-add + LayerNorm, forward and backward.
+"""Fused LayerNorm and RMSNorm, each also with the residual add before it, forward and backward.
 
 Math (over the last dimension, C elements per row, Ba et al. 2016):
-    s = x + residual                      (add_layer_norm only; s is returned in residual's dtype)
+    s = x + residual                      (add_* only; s is returned in residual's dtype)
     mean = sum(s) / C,  rstd = 1 / sqrt(sum((s - mean)^2) / C + eps)
     xhat = (s - mean) * rstd,  y = xhat * weight + bias
 Backward, with g = dy * weight:
     ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + ds_in
     dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
 where ds_in is the gradient arriving at the returned sum s (the residual stream); dx = dresidual = ds.
+RMSNorm (Zhang & Sennrich 2019) is the same kernel with the RMS flag: no centring (mean = 0, so
+rstd = 1 / sqrt(mean(s^2) + eps)), no bias, and ds = rstd * (g - xhat * mean(g * xhat)) + ds_in.
 
-Reference: torch.nn.functional.layer_norm. Mean and rstd are computed and kept in fp32.
+Reference: torch.nn.functional.layer_norm / rms_norm. Mean and rstd are computed and kept in fp32.
 x in float32, bfloat16 or float16. The residual stream may be wider than x (mixed precision keeps
 it in fp32 while the branch outputs are bf16): s takes residual's dtype, and y takes `out_dtype`
 (default: s's dtype), so y can be written directly in the dtype the next matmul reads. weight and
@@ -54,6 +56,7 @@ def _layer_norm_fwd_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RMS: tl.constexpr,  # RMSNorm: no centring, no mean written
     BLOCK_ROWS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -72,11 +75,14 @@ def _layer_norm_fwd_kernel(
         s = cast_rtne(x + res.to(tl.float32), s_ptr.dtype.element_ty, INTERPRETED)
         tl.store(s_ptr + rows[:, None] * stride_s_row + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    mean = tl.sum(x, axis=1) / n_cols  # (R,)
-    centred = tl.where(mask, x - mean[:, None], 0.0)
+    if RMS:
+        centred = x  # masked columns were loaded as 0
+    else:
+        mean = tl.sum(x, axis=1) / n_cols  # (R,)
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
     var = tl.sum(centred * centred, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)  # (R,)
-    tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = centred * rstd[:, None] * w[None, :]
@@ -93,7 +99,7 @@ def _layer_norm_bwd_kernel(
     ds_in_ptr,  # (n_rows, n_cols) gradient arriving at s, read when HAS_DS_IN
     s_ptr,  # (n_rows, n_cols) the normalised input (x, or x + residual)
     w_ptr,  # (n_cols,) weight
-    mean_ptr,  # (n_rows,) fp32 row mean from the forward
+    mean_ptr,  # (n_rows,) fp32 row mean from the forward, read unless RMS
     rstd_ptr,  # (n_rows,) fp32 row 1/std from the forward
     ds_ptr,  # (n_rows, n_cols) out: gradient of s (= of the residual; of x when dtypes agree)
     dx_ptr,  # (n_rows, n_cols) out: the same gradient in x's dtype, written when HAS_DX
@@ -107,6 +113,7 @@ def _layer_norm_bwd_kernel(
     HAS_DS_IN: tl.constexpr,
     HAS_DX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RMS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -127,13 +134,19 @@ def _layer_norm_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]  # (R, C)
         s = tl.load(s_ptr + rows[:, None] * stride_s_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        if RMS:
+            xhat = s * rstd[:, None]  # masked elements were loaded as 0
+        else:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
         c1 = tl.sum(xhat * g, axis=1) / n_cols  # (R,)
-        c2 = tl.sum(g, axis=1) / n_cols  # (R,)
-        ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if RMS:
+            ds = (g - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(g, axis=1) / n_cols  # (R,)
+            ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS_IN:
             ds += tl.load(ds_in_ptr + rows[:, None] * stride_ds_in_row + cols[None, :], mask=mask,
                           other=0.0).to(tl.float32)
@@ -167,13 +180,16 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                    residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-                   y: torch.Tensor | None = None, s: torch.Tensor | None = None,
+                   rms: bool = False, y: torch.Tensor | None = None, s: torch.Tensor | None = None,
                    mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None):
     """Launch the forward kernel. Returns (y, s, mean, rstd): y shaped like x in `out_dtype`
     (default: the normalised input's dtype), s = x + residual in residual's dtype (None without a
-    residual), mean and rstd fp32 of shape (n_rows,). Outputs may be passed in preallocated (tests
-    poison them to catch unwritten elements)."""
-    op = "add_layer_norm" if residual is not None else "layer_norm"
+    residual), mean and rstd fp32 of shape (n_rows,) (with `rms`, RMSNorm: mean is an empty
+    tensor, and bias must be None). Outputs may be passed in preallocated (tests poison them to
+    catch unwritten elements)."""
+    op = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
+    if rms and bias is not None:
+        raise ValueError(f"{op}: RMSNorm has no bias")
     check_tensors(op, x, residual, weight, bias)
     for name, t in (("x", x), ("residual", residual)):
         if t is not None and t.dtype not in FLOAT_DTYPES:
@@ -189,7 +205,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x_rows = as_rows(x, n_cols)
     n_rows = x_rows.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if y is None else y
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device) if mean is None else mean
+    if mean is None:
+        mean = torch.empty(0 if rms else n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if rstd is None else rstd
     res_rows = s_rows = None
     if residual is not None:
@@ -207,7 +224,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x_rows.stride(0), res_rows.stride(0) if res_rows is not None else 0,
         s_rows.stride(0) if s_rows is not None else 0, y_rows.stride(0),
         n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK_ROWS=block_rows,
         BLOCK_SIZE=block, INTERPRETED=interpreted(x.device), num_warps=num_warps,
     )
     return y, s, mean, rstd
@@ -222,8 +239,9 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
                    mean: torch.Tensor, rstd: torch.Tensor, ds_in: torch.Tensor | None = None,
                    x_dtype: torch.dtype | None = None, *, ds: torch.Tensor | None = None,
                    dx: torch.Tensor | None = None, dw_partial: torch.Tensor | None = None,
-                   db_partial: torch.Tensor | None = None, stacked: bool = False):
-    """Launch the backward kernel. `s` is the forward's normalised input. Returns
+                   db_partial: torch.Tensor | None = None, stacked: bool = False, rms: bool = False):
+    """Launch the backward kernel (RMSNorm's with `rms`: `mean` unread, no bias). `s` is the
+    forward's normalised input. Returns
     (ds, dx, dweight, dbias): ds in s's dtype; dx, the same gradient in `x_dtype`, only when that
     differs from s's dtype (else None); dweight, dbias in weight's dtype (dbias None without a bias).
     Output buffers may be passed in (the tests poison them); the fp32 dW/dB partials are
@@ -267,7 +285,7 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
         dy_rows.stride(0), ds_in_rows.stride(0) if ds_in_rows is not None else 0, s_rows.stride(0),
         ds_rows.stride(0), dx_rows.stride(0) if has_dx else 0, dw_partial.stride(0),
         n_rows, n_cols, rows_per_program,
-        HAS_DS_IN=ds_in is not None, HAS_DX=has_dx, HAS_BIAS=has_bias, BLOCK_ROWS=block_rows,
+        HAS_DS_IN=ds_in is not None, HAS_DX=has_dx, HAS_BIAS=has_bias, RMS=rms, BLOCK_ROWS=block_rows,
         BLOCK_SIZE=block, INTERPRETED=interpreted(s.device), num_warps=num_warps,
     )
     if partials is not None:  # one launch sums both
@@ -287,32 +305,33 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
 
 @torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None
+                       bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None, rms: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, s, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual, out_dtype)
+    y, s, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual, out_dtype, rms=rms)
     return y, s if s is not None else x.new_empty(0), mean, rstd
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps, out_dtype):
+def _(x, residual, weight, bias, eps, out_dtype, rms):
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     ln_dtype = residual.dtype if residual is not None else x.dtype
-    stats = x.new_empty(n_rows, dtype=torch.float32)
+    rstd = x.new_empty(n_rows, dtype=torch.float32)
+    mean = x.new_empty(0 if rms else n_rows, dtype=torch.float32)
     s = torch.empty_like(x, dtype=ln_dtype) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x, dtype=out_dtype or ln_dtype), s, stats, torch.empty_like(stats)
+    return torch.empty_like(x, dtype=out_dtype or ln_dtype), s, mean, rstd
 
 
 @torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, ds_in: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor,
-                       has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype
+                       has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype, rms: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ds, dx, dweight and dbias stacked (2, C) or (1, C)): one tensor, as outputs may not alias."""
-    ds, dx, dwb, _ = layer_norm_bwd(dy, s, weight, has_bias, mean, rstd, ds_in, x_dtype, stacked=True)
+    ds, dx, dwb, _ = layer_norm_bwd(dy, s, weight, has_bias, mean, rstd, ds_in, x_dtype, stacked=True, rms=rms)
     return ds, dx if dx is not None else s.new_empty(0), dwb
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, ds_in, s, weight, has_bias, mean, rstd, x_dtype):
+def _(dy, ds_in, s, weight, has_bias, mean, rstd, x_dtype, rms):
     dx = torch.empty_like(s, dtype=x_dtype) if x_dtype != s.dtype else s.new_empty(0)
     n_cols = weight.shape[0]  # the real output is a (k, C) view of a (k, C rounded up to 4) sum
     return torch.empty_like(s), dx, weight.new_empty_strided((2 if has_bias else 1, n_cols),
@@ -320,9 +339,9 @@ def _(dy, ds_in, s, weight, has_bias, mean, rstd, x_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, out_dtype = inputs
+    x, residual, weight, bias, eps, out_dtype, rms = inputs
     y, s, mean, rstd = output
-    ctx.has_residual, ctx.has_bias, ctx.x_dtype = residual is not None, bias is not None, x.dtype
+    ctx.has_residual, ctx.has_bias, ctx.x_dtype, ctx.rms = residual is not None, bias is not None, x.dtype, rms
     ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
 
 
@@ -331,13 +350,13 @@ def _backward(ctx, dy, ds, dmean, drstd):
     ds_in = ds if ctx.has_residual and ds is not None else None
     if dy is None:
         dy = torch.zeros_like(s)
-    ds, dx, dwb = _layer_norm_bwd_op(dy, ds_in, s, weight, ctx.has_bias, mean, rstd, ctx.x_dtype)
+    ds, dx, dwb = _layer_norm_bwd_op(dy, ds_in, s, weight, ctx.has_bias, mean, rstd, ctx.x_dtype, ctx.rms)
     dw, db = dwb[0], dwb[1] if ctx.has_bias else None
     # s = x + residual, so both receive ds, each in its own dtype; where the dtypes agree they share
     # one tensor, which is safe because autograd never writes into a gradient it did not allocate.
     if ctx.x_dtype == s.dtype:
         dx = ds
-    return dx, ds if ctx.has_residual else None, dw, db if ctx.has_bias else None, None, None
+    return dx, ds if ctx.has_residual else None, dw, db if ctx.has_bias else None, None, None, None
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -348,7 +367,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """LayerNorm over the last dimension of `x` (any leading shape); the same result as
     `F.layer_norm(x, (C,), weight, bias, eps)`, written in `out_dtype` (default x's dtype).
     Differentiable, and a torch custom op, so torch.compile keeps it in one graph."""
-    return _layer_norm_fwd_op(x, None, weight, bias, eps, out_dtype)[0]
+    return _layer_norm_fwd_op(x, None, weight, bias, eps, out_dtype, False)[0]
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -357,5 +376,19 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     """`s = x + residual; y = layer_norm(s)` in one pass: reads x and residual once, writes s and y
     once. Returns (y, s): s, in residual's dtype, continues the residual stream; y is in
     `out_dtype` (default s's dtype). Differentiable in x, residual, weight and bias."""
-    y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, eps, out_dtype)
+    y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, eps, out_dtype, False)
+    return y, s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of `x`: the same result as `F.rms_norm(x, (C,), weight, eps)`,
+    written in `out_dtype` (default x's dtype). Differentiable; a torch custom op."""
+    return _layer_norm_fwd_op(x, None, weight, None, eps, out_dtype, True)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + residual; y = rms_norm(s)` in one pass, as add_layer_norm. Returns (y, s)."""
+    y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, None, eps, out_dtype, True)
     return y, s

@@ -64,14 +64,16 @@ def layer_norm_cases():
             "stride_x_row": "i64", "stride_res_row": "i64", "stride_s_row": "i64", "stride_y_row": "i64",
             "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
         }
-        for block in (1024, 2048, 8192):
-            meta = {"HAS_RESIDUAL": residual, "HAS_BIAS": True, "BLOCK_ROWS": 1, "BLOCK_SIZE": block,
+        for block, rms in ((1024, False), (2048, False), (8192, False), (1024, True), (2048, True)):
+            meta = {"HAS_RESIDUAL": residual, "HAS_BIAS": not rms, "RMS": rms, "BLOCK_ROWS": 1, "BLOCK_SIZE": block,
                     "INTERPRETED": False}
             constexprs = dict(meta) if residual else dict(meta, res_ptr=None, s_ptr=None)
+            sig = dict(signature, **{k: "constexpr" for k in meta})
+            if rms:  # RMSNorm has no bias: the launcher passes None
+                sig["b_ptr"], constexprs["b_ptr"] = "constexpr", None
             _, _, num_warps = row_block_settings(block, 4 if stream_ty == "fp32" else 2, CUDA)
-            yield (f"layer_norm fwd x={x_ty} stream={stream_ty} C<={block} warps={num_warps}",
-                   layernorm._layer_norm_fwd_kernel, dict(signature, **{k: "constexpr" for k in meta}),
-                   constexprs, num_warps,
+            yield (f"{'rms' if rms else 'layer'}_norm fwd x={x_ty} stream={stream_ty} C<={block} warps={num_warps}",
+                   layernorm._layer_norm_fwd_kernel, sig, constexprs, num_warps,
                    pointers_and(signature, "stride_x_row", "stride_res_row", "stride_s_row", "stride_y_row", "n_cols"),
                    expect(True, True, max_registers=128))
     for dy_ty, s_ty, x_ty in (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16")):
@@ -84,14 +86,16 @@ def layer_norm_cases():
             "stride_dx_row": "i64", "stride_partial_row": "i64", "n_rows": "i32", "n_cols": "i32",
             "rows_per_program": "i32",
         }
-        for block in (1024, 2048, 8192):
-            meta = {"HAS_DS_IN": True, "HAS_DX": has_dx, "HAS_BIAS": True, "BLOCK_ROWS": 1, "BLOCK_SIZE": block,
-                    "INTERPRETED": False}
+        for block, rms in ((1024, False), (2048, False), (8192, False), (1024, True), (2048, True)):
+            meta = {"HAS_DS_IN": True, "HAS_DX": has_dx, "HAS_BIAS": not rms, "RMS": rms, "BLOCK_ROWS": 1,
+                    "BLOCK_SIZE": block, "INTERPRETED": False}
             constexprs = dict(meta) if has_dx else dict(meta, dx_ptr=None)
+            sig = dict(signature, **{k: "constexpr" for k in meta})
+            if rms:  # no bias: no dB partials
+                sig["db_partial_ptr"], constexprs["db_partial_ptr"] = "constexpr", None
             _, _, num_warps = row_block_settings(block, 4 if s_ty == "fp32" else 2, CUDA)
-            yield (f"layer_norm bwd dy={dy_ty} s={s_ty} C<={block} warps={num_warps}",
-                   layernorm._layer_norm_bwd_kernel, dict(signature, **{k: "constexpr" for k in meta}),
-                   constexprs, num_warps,
+            yield (f"{'rms' if rms else 'layer'}_norm bwd dy={dy_ty} s={s_ty} C<={block} warps={num_warps}",
+                   layernorm._layer_norm_bwd_kernel, sig, constexprs, num_warps,
                    pointers_and(signature, "stride_dy_row", "stride_ds_in_row", "stride_s_row", "stride_ds_row",
                                 "stride_dx_row", "stride_partial_row", "n_cols"),
                    expect(True, True, max_registers=168))
@@ -101,21 +105,26 @@ def cross_entropy_cases():
     signature = {
         "logits_ptr": None, "targets_ptr": "*i64", "lse_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": None,
         "grad_output_ptr": "*fp32", "n_valid_ptr": "*fp32", "stride_logits_row": "i64", "stride_grad_row": "i64",
-        "n_cols": "i32", "n_classes": "i32", "ignore_index": "i64",
+        "n_cols": "i32", "n_classes": "i32", "ignore_index": "i64", "softcap": "fp32",
     }
     for dtype in ("bf16", "fp32", "fp16"):
-        for has_lse, write_loss, grad, per_row, mean in ((False, True, False, False, False),  # forward
-                                                         (True, False, True, False, True),  # backward, mean
-                                                         (True, False, True, True, False),  # backward, none
-                                                         (False, True, True, False, True)):  # fused, in place
+        for has_lse, write_loss, grad, per_row, mean, cap in (
+                (False, True, False, False, False, False),  # forward
+                (True, False, True, False, True, False),  # backward, mean
+                (True, False, True, True, False, False),  # backward, none
+                (False, True, True, False, True, False),  # fused, in place
+                (False, True, True, False, True, True),  # fused, in place, soft cap (the modern arch)
+                (True, False, True, True, False, True)):  # backward, none, soft cap
             meta = {"HAS_LSE": has_lse, "WRITE_LOSS": write_loss, "COMPUTE_GRAD": grad,
-                    "GRAD_OUTPUT_PER_ROW": per_row, "MEAN": mean, "BLOCK_V": 4096, "INTERPRETED": False}
+                    "GRAD_OUTPUT_PER_ROW": per_row, "MEAN": mean, "SOFTCAP": cap, "BLOCK_V": 4096,
+                    "INTERPRETED": False}
             sig = dict(signature, logits_ptr=f"*{dtype}", grad_ptr=f"*{dtype}" if grad else "constexpr",
                        **{k: "constexpr" for k in meta})
             constexprs = dict(meta) if grad else dict(meta, grad_ptr=None)
             # the model's call: rows of the padded vocabulary (50304 = 16 x 3144), so the row
             # stride and width specialise as divisible by 16; n_classes (50257) does not
-            yield (f"cross_entropy {dtype} lse_given={has_lse} loss={write_loss} grad={grad} per_row={per_row}",
+            yield (f"cross_entropy {dtype} lse_given={has_lse} loss={write_loss} grad={grad} per_row={per_row} "
+                   f"softcap={cap}",
                    cross_entropy._cross_entropy_kernel, sig, constexprs, 8,
                    pointers_and(sig, "stride_logits_row", "stride_grad_row", "n_cols"),
                    expect(True, grad, max_registers=96))

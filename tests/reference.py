@@ -48,12 +48,26 @@ def layer_norm_ref(x, weight, bias, eps=1e-5, residual=None):
     return F.layer_norm(s, (x.shape[-1],), weight, bias, eps), s
 
 
+def rms_norm_ref(x, weight, eps=1e-6, residual=None):
+    """(y, s): s = x + residual (when given), y = RMSNorm(s) with a gain, no bias."""
+    s = x + residual if residual is not None else x
+    return F.rms_norm(s, (x.shape[-1],), weight, eps), s
+
+
+def soft_cap_ref(logits, cap):
+    """cap * tanh(logits / cap) in fp32 (or fp64), as the model's PyTorch path computes it; 0: off."""
+    if not cap:
+        return logits
+    return cap * torch.tanh((logits.float() if logits.dtype != torch.float64 else logits) / cap)
+
+
 def cross_entropy_ref(logits, targets, ignore_index=-100, reduction="mean"):
     """F.cross_entropy with the math in fp32 (or fp64 for an fp64 input), as the kernels do."""
     return F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
                            ignore_index=ignore_index, reduction=reduction)
 
 
-def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-    """The unfused linear + cross-entropy: the whole (N, V) logits, then cross_entropy_ref."""
-    return cross_entropy_ref(F.linear(hidden, weight), targets, ignore_index, reduction)
+def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reduction="mean", softcap=0.0):
+    """The unfused linear + cross-entropy: the whole (N, V) logits (soft-capped when asked), then
+    cross_entropy_ref."""
+    return cross_entropy_ref(soft_cap_ref(F.linear(hidden, weight), softcap), targets, ignore_index, reduction)

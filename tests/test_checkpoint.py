@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gptfast import checkpoint as ckpt
+from gptfast.config import ARCH_DEFAULTS
 from gptfast.errors import CheckpointError, RunDirError
 
 
@@ -71,3 +72,7 @@ def test_model_mismatch_names_every_field():
     with pytest.raises(CheckpointError, match=r"n_layer: checkpoint 2, config 4; n_embd: checkpoint 32, config 64"):
         ckpt.check_same_model(saved, current, "x.pt")
     ckpt.check_same_model(saved, dict(saved), "x.pt")
+    # a checkpoint from before the architecture switches existed is GPT-2; a modern config is not
+    modern = dict(saved, **ARCH_DEFAULTS["modern"], arch="modern")
+    with pytest.raises(CheckpointError, match=r"arch: checkpoint 'gpt2', config 'modern'; rotary: checkpoint False"):
+        ckpt.check_same_model(saved, modern, "x.pt")

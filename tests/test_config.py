@@ -122,6 +122,37 @@ def test_shipped_configs_load():
         assert abs(cfg.tokens_per_step - 524_288) <= 524_288 * 0.05, name
 
 
+def test_modern_arch_sets_its_switches_and_each_can_be_set_back(tmp_path):
+    from gptfast.config import ARCH_DEFAULTS, GPT2_SWITCHES, ModelConfig
+
+    cfg = load_config(write(tmp_path, '[model]\narch = "modern"\n'))
+    for key, value in ARCH_DEFAULTS["modern"].items():
+        assert getattr(cfg.model, key) == value, key
+    assert cfg.model == ModelConfig.for_arch("modern")
+    ablated = load_config(write(tmp_path, '[model]\narch = "modern"\nrotary = false\n'), ["--model.logit_softcap=15"])
+    assert not ablated.model.rotary and ablated.model.logit_softcap == 15.0 and ablated.model.qk_norm
+    assert load_config(None, ["--model.arch=modern"]).model == cfg.model  # from the command line too
+    assert config_from_dict(tomllib.loads(to_toml(ablated))) == ablated  # the written config is explicit
+    default = load_config(None)
+    assert {k: getattr(default.model, k) for k in GPT2_SWITCHES} == GPT2_SWITCHES
+
+
+@pytest.mark.parametrize("text, key, why", [
+    ('[model]\nrotary = true\n', "model.rotary", 'set model.arch = "modern"'),
+    ('[model]\nlogit_softcap = 30\n', "model.logit_softcap", "is not GPT-2's architecture"),
+    ('[model]\narch = "modrn"\n', "model.arch", "did you mean 'modern'"),
+    ('[model]\narch = "modern"\nnorm = "rms"\n', "model.norm", "did you mean 'rmsnorm'"),
+    ('[model]\narch = "modern"\nmlp = "swiglu"\n', "model.mlp", "expected one of gelu, relu2"),
+    ('[model]\narch = "modern"\nlogit_softcap = -1\n', "model.logit_softcap", "must be >= 0"),
+    ('[model]\narch = "modern"\nrotary_base = 0.5\n', "model.rotary_base", "must be > 1"),
+    ('[model]\narch = "modern"\nn_embd = 36\nn_head = 12\n', "model.rotary", "must be even"),
+    ('[model]\narch = "modern"\n[train]\ninit_from = "gpt2"\n', "train.init_from", 'model.arch = "gpt2"'),
+])
+def test_impossible_architectures(tmp_path, text, key, why):
+    msg = error_of(tmp_path, text)
+    assert key in msg and why in msg and "\n" not in msg, msg
+
+
 @pytest.mark.parametrize("arg", ["--\n.0=1", "--train.max\nsteps=3"])
 def test_a_name_with_a_newline_is_still_a_one_line_error(arg):
     """Found by the fuzz test: the name is quoted with repr, so the error stays one line."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kernels import cross_entropy, linear_cross_entropy
 from kernels.cross_entropy import chunk_rows, cross_entropy_launch
-from reference import ATOL, assert_close_by_rule, cross_entropy_ref
+from reference import ATOL, assert_close_by_rule, cross_entropy_ref, soft_cap_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 5), (7, 50257), (130, 1000), (64, 50304), (33, 257)]
@@ -271,6 +271,48 @@ def test_linear_cross_entropy_padded_vocabulary(reduction, dtype):
         bad = targets.clone()
         bad[1] = vocab
         linear_cross_entropy(hidden, weight, bad, n_classes=vocab, chunk_bytes=None)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_soft_cap(reduction, dtype):
+    """The soft cap inside the kernel: the loss of cap * tanh(logits / cap) and its gradients through
+    the cap, against the unfused capped loss, over a padded vocabulary in several chunks. Logits
+    reach +-60 against a cap of 15, so the cap and its derivative (1 - tanh^2) both matter."""
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    n_rows, width, vocab, padded, cap = 150, 24, 1003, 1024, 15.0
+    hidden = (torch.randn(n_rows, width, generator=gen) * 3).to(DEVICE, dtype).requires_grad_()
+    weight = torch.randn(padded, width, generator=gen).to(DEVICE)
+    weight[vocab:] = 3.0
+    weight.requires_grad_()
+    targets = make_targets(n_rows, vocab, gen)
+    ours = linear_cross_entropy(hidden, weight, targets, n_classes=vocab, reduction=reduction, compute_dtype=dtype,
+                                chunk_bytes=padded * 4 * 64, softcap=cap)
+    same = cross_entropy_ref(soft_cap_ref(hidden @ weight[:vocab].to(dtype).T, cap), targets, reduction=reduction)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact = F.cross_entropy(soft_cap_ref(h64 @ w64[:vocab].T, cap), targets, reduction=reduction)
+    go = grad_output_for(ours, gen)
+    g_ours = torch.autograd.grad(ours, (hidden, weight), go)
+    g_same = torch.autograd.grad(same, (hidden, weight), go)
+    g_exact = torch.autograd.grad(exact, (h64, w64), go.double())
+    assert torch.all(g_ours[1][vocab:] == 0)
+    uncapped = F.cross_entropy(h64 @ w64[:vocab].T, targets, reduction=reduction)
+    assert not torch.allclose(exact, uncapped, rtol=0.05), "the cap must change the loss here"
+    assert_close_by_rule(ours, same, exact, ATOL[dtype], f"loss (seed {seed})")
+    for name, a, b, c in zip(("grad_hidden", "grad_weight"), g_ours, g_same, g_exact, strict=True):
+        assert_close_by_rule(a, b, c, ATOL[dtype], f"{name} (seed {seed})")
+
+
+def test_soft_cap_of_zero_is_off_and_negative_is_an_error():
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(9, 8, generator=gen).to(DEVICE)
+    weight = torch.randn(70, 8, generator=gen).to(DEVICE)
+    targets = make_targets(9, 70, gen)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_bytes=None, softcap=0.0),
+                               cross_entropy_ref(hidden @ weight.T, targets))
+    with pytest.raises(ValueError, match="softcap must be >= 0"):
+        linear_cross_entropy(hidden, weight, targets, chunk_bytes=None, softcap=-1.0)
 
 
 def test_linear_cross_entropy_chunk_from_free_memory_is_one_chunk_when_it_fits(monkeypatch):

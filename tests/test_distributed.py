@@ -32,11 +32,12 @@ KERNELS_AND_RECOMPUTE = {"kernels.layernorm": True, "kernels.cross_entropy": Tru
 
 
 MUON_WITH_KERNELS = dict(KERNELS_AND_RECOMPUTE, **{"optim.name": '"muon"'})
+MODERN_MUON_WITH_KERNELS = dict(MUON_WITH_KERNELS, **{"model.arch": '"modern"'})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE, MUON_WITH_KERNELS],
-                         ids=["pytorch", "kernels+recompute", "muon+kernels+recompute"])
+@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE, MUON_WITH_KERNELS, MODERN_MUON_WITH_KERNELS],
+                         ids=["pytorch", "kernels+recompute", "muon+kernels+recompute", "modern+muon+kernels+recompute"])
 def test_two_processes_follow_the_single_process_trajectory(data_dir, tmp_path, extra):
     run(data_dir, tmp_path / "one", 1, **extra)
     two = run(data_dir, tmp_path / "two", 2, **extra)

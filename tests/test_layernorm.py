@@ -1,12 +1,13 @@
-"""kernels.layernorm against F.layer_norm: forward and every gradient, awkward shapes, bf16 and fp32,
-NaN-poisoned outputs, determinism, custom-op compile, and the model with the kernel on and off."""
+"""kernels.layernorm against F.layer_norm and F.rms_norm: forward and every gradient, awkward shapes,
+bf16 and fp32, NaN-poisoned outputs, determinism, custom-op compile, and the model with the kernel
+on and off."""
 
 import pytest
 import torch
 
-from kernels import add_layer_norm, layer_norm
+from kernels import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from kernels.layernorm import backward_programs, layer_norm_bwd, layer_norm_fwd
-from reference import ATOL, assert_close_by_rule, layer_norm_ref
+from reference import ATOL, assert_close_by_rule, layer_norm_ref, rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1, 1023), (3, 7, 768), (5, 1600), (37, 896), (2, 3, 1), (4, 8192), (11, 1280), (2, 17, 97)]
@@ -53,21 +54,38 @@ def torch_path(x, w, b, r):
     return layer_norm_ref(x, w, b, residual=r)
 
 
+def ours_rms(x, w, b, r):
+    assert b is None
+    if r is None:
+        return rms_norm(x, w), None
+    return add_rms_norm(x, r, w)
+
+
+def torch_rms(x, w, b, r):
+    return rms_norm_ref(x, w, residual=r)
+
+
+NORMS = {"layernorm": (ours, torch_path, True), "rmsnorm": (ours_rms, torch_rms, False)}
+
+
 def as_float64(t):
     return None if t is None else t.detach().double().requires_grad_()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_residual", [False, True], ids=["ln", "add_ln"])
-def test_matches_torch(shape, dtype, with_residual):
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_matches_torch(shape, dtype, with_residual, norm):
+    fn, reference, with_bias = NORMS[norm]
     seed = torch.seed() % 2**31  # fresh inputs every run; the seed is in any failure message
     weight_dtype = torch.float32 if dtype == torch.bfloat16 and shape[-1] % 2 else dtype
-    x, w, b, r, dy, ds = make_inputs(shape, dtype, weight_dtype, True, with_residual, seed)
-    got = run(ours, x, w, b, r, dy, ds)
-    same = run(torch_path, x, w, b, r, dy, ds)
-    ref = run(torch_path, *map(as_float64, (x, w, b, r)), dy.double(), None if ds is None else ds.double())
-    names = (["y", "s"] if with_residual else ["y"]) + ["dx"] + (["dresidual"] if with_residual else []) + ["dw", "db"]
+    x, w, b, r, dy, ds = make_inputs(shape, dtype, weight_dtype, with_bias, with_residual, seed)
+    got = run(fn, x, w, b, r, dy, ds)
+    same = run(reference, x, w, b, r, dy, ds)
+    ref = run(reference, *map(as_float64, (x, w, b, r)), dy.double(), None if ds is None else ds.double())
+    names = ((["y", "s"] if with_residual else ["y"]) + ["dx"] + (["dresidual"] if with_residual else []) + ["dw"]
+             + (["db"] if with_bias else []))
     for name, a, t, e in zip(names, got, same, ref, strict=True):
         assert a.dtype == t.dtype, name
         assert_close_by_rule(a, t, e, ATOL[dtype], f"{name} {shape} {dtype} (seed {seed})")
@@ -137,6 +155,48 @@ def test_launchers_write_every_element(dtype, with_residual):
     assert_close_by_rule(dx, same_dx, want_dx, ATOL[dtype], "dx")
     assert_close_by_rule(dw, same[1], want[1], ATOL[dtype], "dw")
     assert_close_by_rule(db, same[2], want[2], ATOL[dtype], "db")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["rms", "add_rms"])
+def test_rms_launchers_write_every_element(dtype, with_residual):
+    """RMSNorm through the launchers with every output and the fp32 dW partials NaN-poisoned; the
+    backward is checked by value against float64 F.rms_norm gradients."""
+    shape, c, eps = (3, 7, 1000), 1000, 1e-6
+    x, w, _, r, dy, ds = make_inputs(shape, dtype, torch.float32, False, with_residual, seed=21)
+    x, w = x.detach(), w.detach()
+    r = r.detach() if r is not None else None
+    poison = dict(y=torch.full(shape, float("nan"), dtype=dtype, device=DEVICE),
+                  rstd=torch.full((21,), float("nan"), device=DEVICE))
+    if with_residual:
+        poison["s"] = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    y, s, mean, rstd = layer_norm_fwd(x, w, None, eps, r, rms=True, **poison)
+    y_ref, s_ref = rms_norm_ref(x, w, eps, residual=r)
+    assert y is poison["y"] and mean.numel() == 0
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=ATOL[dtype] * 4, rtol=0)
+    if with_residual:
+        assert torch.equal(s, s_ref)
+    s_in = s if with_residual else x
+    torch.testing.assert_close(rstd, torch.rsqrt(s_in.float().pow(2).mean(-1) + eps).reshape(-1), atol=1e-4, rtol=1e-4)
+    n_programs = backward_programs(21, torch.device(DEVICE))
+    dx = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    dw_partial = torch.full((n_programs, c), float("nan"), device=DEVICE)
+    got_dx, no_cast, dw, db = layer_norm_bwd(dy, s_in, w, False, mean, rstd, ds, ds=dx, dw_partial=dw_partial, rms=True)
+    assert got_dx is dx and no_cast is None and db is None
+    s64, w64 = (t.detach().double().requires_grad_() for t in (s_in, w))
+    want = torch.autograd.grad((torch.nn.functional.rms_norm(s64, (c,), w64, eps) * dy.double()).sum(), (s64, w64))
+    s_same, w_same = (t.detach().clone().requires_grad_() for t in (s_in, w))
+    same = torch.autograd.grad((torch.nn.functional.rms_norm(s_same, (c,), w_same, eps).float() * dy.float()).sum(),
+                               (s_same, w_same))
+    assert_close_by_rule(dx, same[0] + (ds if ds is not None else 0), want[0] + (ds.double() if ds is not None else 0),
+                         ATOL[dtype], "dx")
+    assert_close_by_rule(dw, same[1], want[1], ATOL[dtype], "dw")
+
+
+def test_rms_norm_has_no_bias():
+    with pytest.raises(ValueError, match="RMSNorm has no bias"):
+        layer_norm_fwd(torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE),
+                       1e-6, rms=True)
 
 
 def test_deterministic_bits():

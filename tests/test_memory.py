@@ -23,18 +23,26 @@ def interior_block_bytes(measured: dict, cfg=TINY) -> int:
     return sum(measured[f"block {i}"] for i in range(cfg.n_layer - 1))
 
 
+MODERN = {"modern": {}, "modern-learned-positions": {"rotary": False}, "modern-no-qk-norm": {"qk_norm": False},
+          "modern-layernorm": {"norm": "layernorm"}}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", *MODERN])
 @pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused_kernels"])
-def test_saved_bytes_order_and_prediction(fused):
-    """none > selective > full, and each within 10% of the planner's per-token formula."""
+def test_saved_bytes_order_and_prediction(fused, arch):
+    """none > selective > full, and each within 10% of the planner's per-token formula, for GPT-2
+    and for the modern architecture with some of its switches set back (each changes the count)."""
+    cfg = TINY if arch == "gpt2" else ModelConfig.for_arch("modern", n_layer=3, n_head=2, n_embd=64, block_size=32,
+                                                           vocab_size=101, **MODERN[arch])
     kernels = KernelsConfig(layernorm=True, cross_entropy=True) if fused else KernelsConfig()
-    x, y = batch()
+    x, y = batch(cfg)
     tokens = x.numel()
     measured = {}
     for policy in RECOMPUTE_POLICIES:
         torch.manual_seed(0)
-        model = GPT(TINY, kernels, RecomputeConfig(policy=policy))
-        measured[policy] = interior_block_bytes(measure_saved_bytes(model, x, y))
-        predicted = (TINY.n_layer - 1) * tokens * activation_bytes_per_token(TINY, policy, 4, fused)
+        model = GPT(cfg, kernels, RecomputeConfig(policy=policy))
+        measured[policy] = interior_block_bytes(measure_saved_bytes(model, x, y), cfg)
+        predicted = (cfg.n_layer - 1) * tokens * activation_bytes_per_token(cfg, policy, 4, fused)
         assert abs(measured[policy] - predicted) <= 0.10 * predicted, (policy, measured[policy], predicted)
     assert measured["none"] > measured["selective"] > measured["full"]
 
@@ -146,12 +154,15 @@ def test_recompute_under_torch_compile(policy):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("arch, switches", [("gpt2", {}), ("modern", {}), ("modern", {"tie_embeddings": True}),
+                                             ("modern", {"rotary": False, "norm": "layernorm", "bias": True})])
 @pytest.mark.parametrize("n_layer, n_head, n_embd, block_size, bias", [
     (12, 12, 768, 1024, True), (24, 16, 1024, 1024, True), (3, 3, 96, 77, False), (1, 1, 8, 5, True)])
-def test_padded_param_count_formula_matches_the_model(n_layer, n_head, n_embd, block_size, bias):
+def test_padded_param_count_formula_matches_the_model(n_layer, n_head, n_embd, block_size, bias, arch, switches):
     from gptfast.memory import padded_param_count
 
-    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)
+    cfg = ModelConfig.for_arch(arch, **dict(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                                 bias=bias), **switches))
     with torch.device("meta"):
         built = sum(p.numel() for p in GPT(cfg).parameters())
     assert padded_param_count(cfg) == built

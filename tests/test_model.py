@@ -252,3 +252,180 @@ def test_the_pytorch_loss_follows_autocast(monkeypatch):
     with torch.no_grad():
         fp32 = model(x, y)
     assert abs(loss.item() - fp32.item()) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# model.arch = "modern"
+
+MODERN_TINY = dict(n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=101)
+
+
+def perturbed(model: GPT, seed: int) -> GPT:
+    """Zero-initialised projections and head make many gradients exactly zero at step 0; a small
+    perturbation makes every parameter matter, so a comparison of gradients can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
+    return model
+
+
+def test_modern_architecture_has_each_ingredient():
+    from gptfast.config import ModelConfig as MC
+
+    torch.manual_seed(9)
+    model = GPT(MC.for_arch("modern", **MODERN_TINY))
+    assert "wpe" not in model.transformer  # rotary: no learned positions
+    assert isinstance(model.transformer.h[0].ln_1, torch.nn.RMSNorm) and isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
+    assert model.lm_head.weight is not model.transformer.wte.weight  # untied
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight") or name == "lm_head.weight":
+            assert torch.all(p == 0), name  # zero-initialised into the stream
+        assert not name.endswith(".bias"), name
+    x = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():  # a zero head gives every class logit 0: the loss is exactly uniform
+        assert model(x, x).item() == pytest.approx(math.log(101), abs=1e-6)
+    # tied + zero_init_proj: the head is the embedding, which stays N(0, 0.02)
+    tied = GPT(MC.for_arch("modern", **MODERN_TINY, tie_embeddings=True))
+    assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight[:101].std() > 0.01
+
+
+def test_modern_parameter_and_flop_counts():
+    from gptfast.config import ModelConfig as MC
+
+    with torch.device("meta"):
+        model = GPT(MC.for_arch("modern", n_layer=12, n_head=12, n_embd=768, block_size=1024))
+    # GPT-2 small without positions, biases and LayerNorm biases, plus an untied head
+    blocks = 12 * (2 * 768 + 12 * 768 * 768)
+    assert model.num_params() == 2 * 50257 * 768 + blocks + 768
+    assert model.flops_per_token() == 6 * (50257 * 768 + blocks + 768) + 12 * 12 * 768 * 1024
+
+
+def test_rotary_attention_scores_depend_on_relative_position_only():
+    """q at position m and k at position n, rotated, have a dot product that depends on m - n:
+    the property rotary embeddings exist for (Su et al. 2021)."""
+    from gptfast.config import ModelConfig as MC
+    from gptfast.model import apply_rotary, rotary_tables
+
+    cfg = MC.for_arch("modern", n_layer=1, n_head=1, n_embd=16, block_size=64)
+    gen = torch.Generator().manual_seed(10)
+    q, k = torch.randn(2, 1, 1, 1, 16, generator=gen)  # (B, T, nh, hs) each
+    rope = rotary_tables(cfg, 0, 64, torch.device("cpu"))  # fp32, as the model computes them
+
+    def score(m, n):
+        rot = lambda x, p: apply_rotary(x, tuple(t[p:p + 1] for t in rope))  # noqa: E731
+        return (rot(q, m) * rot(k, n)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), rel=1e-5, abs=1e-6)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-2)
+    assert score(0, 0) == pytest.approx((q * k).sum().item(), rel=1e-6)  # position 0 is no rotation
+
+
+@pytest.mark.parametrize("switch", [{}, {"rotary": False}, {"qk_norm": False}, {"norm": "layernorm", "bias": True},
+                                    {"logit_softcap": 0.0}, {"tie_embeddings": True}],
+                         ids=["modern", "learned-positions", "no-qk-norm", "layernorm", "no-softcap", "tied"])
+def test_modern_cached_generation_matches_uncached(switch):
+    """The KV cache holds rotated keys: a cached greedy decode equals recomputing the whole
+    context at every step, within and beyond block_size (where the window slides)."""
+    from gptfast.config import ModelConfig as MC
+
+    torch.manual_seed(11)
+    model = perturbed(GPT(MC.for_arch("modern", **dict(MODERN_TINY, **switch))), 12).eval()
+    idx = torch.randint(0, 101, (2, 5))
+    cached = model.generate(idx, 20, temperature=0, use_cache=True)
+    uncached = model.generate(idx, 20, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_modern_causal_future_tokens_do_not_change_past_logits():
+    from gptfast.config import ModelConfig as MC
+
+    torch.manual_seed(13)
+    model = perturbed(GPT(MC.for_arch("modern", **MODERN_TINY)), 14)
+    x = torch.randint(0, 101, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 101
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0, :10], model(y)[0, :10])
+        assert not torch.allclose(model(x)[0, 10:], model(y)[0, 10:])
+
+
+def test_modern_soft_cap_bounds_the_logits():
+    from gptfast.config import ModelConfig as MC
+
+    model = GPT(MC.for_arch("modern", **dict(MODERN_TINY, logit_softcap=2.0)))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 5.0)
+        x = torch.randint(0, 101, (2, 16))
+        logits = model(x)
+        raw = model.lm_head(model.hidden_states(x))[..., :101]
+    assert logits.abs().max() <= 2.0 and raw.abs().max() > 10  # raw logits far beyond the cap, capped
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0))
+
+
+@pytest.mark.parametrize("switches", [dict(layernorm=True), dict(cross_entropy=True),
+                                      dict(layernorm=True, cross_entropy=True)], ids=["rmsnorm", "ce+softcap", "both"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_modern_fused_kernels_match_the_pytorch_path(switches, recompute):
+    """The modern architecture with the fused add + RMSNorm and the soft-capped fused loss: the
+    same loss and gradients (fp32) as its PyTorch path, under each recompute policy."""
+    from gptfast.config import KernelsConfig, ModelConfig as MC, RecomputeConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(15)
+    cfg = MC.for_arch("modern", **MODERN_TINY)
+    reference = perturbed(GPT(cfg), 16).to(device)
+    fused = GPT(cfg, KernelsConfig(**switches), RecomputeConfig(policy=recompute)).to(device)
+    fused.load_state_dict(reference.state_dict())
+    x, y = torch.randint(0, 101, (2, 3, 16), device=device)
+    losses, grads = [], []
+    for model in (reference, fused):
+        loss = model(x, y)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for (name, _), got, want in zip(reference.named_parameters(), grads[1], grads[0], strict=True):
+        assert want.abs().max() > 0, name  # every parameter matters here
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_modern_autocast_hands_each_kernel_its_dtypes(monkeypatch):
+    """As test_autocast_hands_each_kernel_its_dtypes, for the modern architecture: the RMSNorm
+    kernels take the fp32 stream and write bf16, and the fused loss gets the soft cap."""
+    import kernels
+    from gptfast.config import KernelsConfig, ModelConfig as MC
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = []
+
+    def spy(name, pick):
+        fn = getattr(kernels, name)
+
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.append((name,) + pick(args, kwargs, out))
+            return out
+        monkeypatch.setattr(kernels, name, wrapped)
+
+    spy("rms_norm", lambda a, k, out: (a[0].dtype, out.dtype))
+    spy("add_rms_norm", lambda a, k, out: (a[0].dtype, a[1].dtype, out[0].dtype, out[1].dtype))
+    spy("linear_cross_entropy", lambda a, k, out: (a[0].dtype, a[1].dtype, k["compute_dtype"], k["softcap"]))
+    torch.manual_seed(17)
+    cfg = MC.for_arch("modern", **dict(MODERN_TINY, n_layer=2))
+    reference = perturbed(GPT(cfg), 18).to(device)
+    fused = GPT(cfg, KernelsConfig(layernorm=True, cross_entropy=True)).to(device)
+    fused.load_state_dict(reference.state_dict())
+    x, y = torch.randint(0, 101, (2, 4, 16), device=device)
+    results = []
+    for model in (reference, fused):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(x, y)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert seen[0] == ("rms_norm", fp32, bf16)
+    assert [s for s in seen if s[0] == "add_rms_norm"] == [("add_rms_norm", bf16, fp32, bf16, fp32)] * 4
+    assert seen[-1] == ("linear_cross_entropy", bf16, fp32, bf16, 30.0)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=2e-2)
+    for (name, _), got, want in zip(reference.named_parameters(), results[1][1], results[0][1], strict=True):
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 3e-2, (name, rel)

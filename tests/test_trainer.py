@@ -38,8 +38,13 @@ EVERY_KERNEL = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kerne
                 "recompute.policy": '"selective"'}
 
 
-@pytest.mark.parametrize("extra", [{"model.dropout": 0.0}, {"model.dropout": 0.1}, MUON, dict(MUON, **EVERY_KERNEL)],
-                         ids=["adamw", "adamw+dropout", "muon", "muon+kernels+recompute"])
+MODERN = {"model.arch": '"modern"'}
+
+
+@pytest.mark.parametrize("extra", [{"model.dropout": 0.0}, {"model.dropout": 0.1}, MUON, dict(MUON, **EVERY_KERNEL),
+                                   dict(MODERN, **MUON), dict(MODERN, **MUON, **EVERY_KERNEL)],
+                         ids=["adamw", "adamw+dropout", "muon", "muon+kernels+recompute", "modern+muon",
+                              "modern+muon+kernels+recompute"])
 def test_interrupted_run_resumes_bit_exact(tiny_config, tmp_path, extra):
     straight = Trainer(tiny_config(extra, out_dir=tmp_path / "straight"), log=quiet)
     straight.run()
@@ -170,6 +175,29 @@ def test_cpu_smoke_end_to_end(tmp_path):
     assert sample.stdout.startswith("def main(") and len(sample.stdout) > len("def main(")
     repeat = subprocess.run(sample.args, capture_output=True, text=True, timeout=300)
     assert repeat.stdout == sample.stdout  # seeded sampling is reproducible
+
+
+def test_a_modern_run_samples_and_evaluates_but_does_not_export(tiny_config, tmp_path, capsys):
+    """A modern-architecture checkpoint runs in gptfast.sample (rotary positions in the KV cache)
+    and gptfast.eval; export refuses it in one line, writing nothing, and names what works instead."""
+    from gptfast.eval import main as eval_main
+    from gptfast.export import main as export_main
+    from gptfast.sample import main as sample_main
+
+    Trainer(tiny_config(dict(MODERN, **MUON)), log=quiet).run()
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert sample_main([str(run_dir), "--prompt", "def main(", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("def main(")
+    items = tmp_path / "hellaswag_val.jsonl"
+    items.write_text("".join(json.dumps({"ind": i, "ctx": ctx, "label": 1, "endings": ["a.", "b c.", "d e f.", "g."]})
+                             + "\n" for i, ctx in enumerate(["The parser reads", "An email message has"])))
+    assert eval_main(["hellaswag", str(run_dir), "--input", str(items), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["items"] == 2
+    assert export_main([str(run_dir), str(tmp_path / "exported")]) == 2
+    assert_one_error_line(capsys.readouterr().err, "model.arch = 'modern'", "gptfast.sample", "gptfast.eval")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_sample_cli_bad_checkpoint(tmp_path, capsys):
