@@ -12,6 +12,16 @@ def meta_model(**kw) -> GPT:
         return GPT(ModelConfig(**kw))
 
 
+def perturbed(model: GPT, seed: int) -> GPT:
+    """Zero-initialised projections and head make many gradients exactly zero at step 0; a small
+    perturbation makes every parameter matter, so a comparison of gradients can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
+    return model
+
+
 @pytest.mark.parametrize("n_layer, n_head, n_embd, expected", [
     (12, 12, 768, 124_439_808),   # GPT-2 small
     (24, 16, 1024, 354_823_168),  # GPT-2 medium
@@ -165,31 +175,35 @@ def test_ignored_targets_match_the_pytorch_path():
     torch.testing.assert_close(results[0][0], torch.nn.functional.cross_entropy(logits[kept], y[kept]))
 
 
-def test_autocast_hands_each_kernel_its_dtypes(monkeypatch):
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_autocast_hands_each_kernel_its_dtypes(monkeypatch, arch):
     """The production GPU path, run on the CPU under bf16 autocast: the residual stream stays fp32,
-    the LayerNorm kernels write bf16 for the next matmul, and the fused loss gets bf16 hidden states
-    with a bf16 compute dtype; kernels on and off agree within bf16 rounding. Mutant caught: a
-    model that ignores autocast (out_dtype / compute_dtype left None)."""
+    the LayerNorm (modern: RMSNorm) kernels write bf16 for the next matmul, and the fused loss gets
+    bf16 hidden states with a bf16 compute dtype (and, modern, the soft cap); kernels on and off
+    agree within bf16 rounding. Mutant caught: a model that ignores autocast (out_dtype /
+    compute_dtype left None)."""
     import kernels
     from gptfast.config import KernelsConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seen = []
 
-    def spy(name, fn, pick):
+    def spy(name, pick):
+        fn = getattr(kernels, name)
+
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             seen.append((name,) + pick(args, kwargs, out))
             return out
         monkeypatch.setattr(kernels, name, wrapped)
 
-    spy("layer_norm", kernels.layer_norm, lambda a, k, out: (a[0].dtype, out.dtype))
-    spy("add_layer_norm", kernels.add_layer_norm, lambda a, k, out: (a[0].dtype, a[1].dtype, out[0].dtype, out[1].dtype))
-    spy("linear_cross_entropy", kernels.linear_cross_entropy,
-        lambda a, k, out: (a[0].dtype, a[1].dtype, k["compute_dtype"]))
+    norm = "layer_norm" if arch == "gpt2" else "rms_norm"
+    spy(norm, lambda a, k, out: (a[0].dtype, out.dtype))
+    spy(f"add_{norm}", lambda a, k, out: (a[0].dtype, a[1].dtype, out[0].dtype, out[1].dtype))
+    spy("linear_cross_entropy", lambda a, k, out: (a[0].dtype, a[1].dtype, k["compute_dtype"], k["softcap"]))
     torch.manual_seed(8)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=101)
-    reference = GPT(cfg).to(device)
+    cfg = ModelConfig.for_arch(arch, n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=101)
+    reference = perturbed(GPT(cfg), 18).to(device)
     fused = GPT(cfg, KernelsConfig(layernorm=True, cross_entropy=True)).to(device)
     fused.load_state_dict(reference.state_dict())
     x, y = torch.randint(0, 101, (2, 4, 16), device=device)
@@ -199,11 +213,12 @@ def test_autocast_hands_each_kernel_its_dtypes(monkeypatch):
             loss = model(x, y)
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     bf16, fp32 = torch.bfloat16, torch.float32
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        assert reference(x).dtype == bf16  # the PyTorch path's lm_head runs in bf16 too
-    assert seen[0] == ("layer_norm", fp32, bf16)  # embedding stream in, bf16 for the first matmul out
-    assert [s for s in seen if s[0] == "add_layer_norm"] == [("add_layer_norm", bf16, fp32, bf16, fp32)] * 4
-    assert seen[-1] == ("linear_cross_entropy", bf16, fp32, bf16)
+    if arch == "gpt2":
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            assert reference(x).dtype == bf16  # the PyTorch path's lm_head runs in bf16 too
+    assert seen[0] == (norm, fp32, bf16)  # embedding stream in, bf16 for the first matmul out
+    assert [s for s in seen if s[0] == f"add_{norm}"] == [(f"add_{norm}", bf16, fp32, bf16, fp32)] * 4
+    assert seen[-1] == ("linear_cross_entropy", bf16, fp32, bf16, cfg.logit_softcap)
     assert results[1][0].dtype == fp32
     torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=2e-2)
     for (name, _), got, want in zip(reference.named_parameters(), results[1][1], results[0][1], strict=True):
@@ -258,16 +273,6 @@ def test_the_pytorch_loss_follows_autocast(monkeypatch):
 # model.arch = "modern"
 
 MODERN_TINY = dict(n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=101)
-
-
-def perturbed(model: GPT, seed: int) -> GPT:
-    """Zero-initialised projections and head make many gradients exactly zero at step 0; a small
-    perturbation makes every parameter matter, so a comparison of gradients can fail."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
-    return model
 
 
 def test_modern_architecture_has_each_ingredient():
@@ -387,45 +392,3 @@ def test_modern_fused_kernels_match_the_pytorch_path(switches, recompute):
     for (name, _), got, want in zip(reference.named_parameters(), grads[1], grads[0], strict=True):
         assert want.abs().max() > 0, name  # every parameter matters here
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=name)
-
-
-def test_modern_autocast_hands_each_kernel_its_dtypes(monkeypatch):
-    """As test_autocast_hands_each_kernel_its_dtypes, for the modern architecture: the RMSNorm
-    kernels take the fp32 stream and write bf16, and the fused loss gets the soft cap."""
-    import kernels
-    from gptfast.config import KernelsConfig, ModelConfig as MC
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    seen = []
-
-    def spy(name, pick):
-        fn = getattr(kernels, name)
-
-        def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            seen.append((name,) + pick(args, kwargs, out))
-            return out
-        monkeypatch.setattr(kernels, name, wrapped)
-
-    spy("rms_norm", lambda a, k, out: (a[0].dtype, out.dtype))
-    spy("add_rms_norm", lambda a, k, out: (a[0].dtype, a[1].dtype, out[0].dtype, out[1].dtype))
-    spy("linear_cross_entropy", lambda a, k, out: (a[0].dtype, a[1].dtype, k["compute_dtype"], k["softcap"]))
-    torch.manual_seed(17)
-    cfg = MC.for_arch("modern", **dict(MODERN_TINY, n_layer=2))
-    reference = perturbed(GPT(cfg), 18).to(device)
-    fused = GPT(cfg, KernelsConfig(layernorm=True, cross_entropy=True)).to(device)
-    fused.load_state_dict(reference.state_dict())
-    x, y = torch.randint(0, 101, (2, 4, 16), device=device)
-    results = []
-    for model in (reference, fused):
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(x, y)
-        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
-    bf16, fp32 = torch.bfloat16, torch.float32
-    assert seen[0] == ("rms_norm", fp32, bf16)
-    assert [s for s in seen if s[0] == "add_rms_norm"] == [("add_rms_norm", bf16, fp32, bf16, fp32)] * 4
-    assert seen[-1] == ("linear_cross_entropy", bf16, fp32, bf16, 30.0)
-    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=2e-2)
-    for (name, _), got, want in zip(reference.named_parameters(), results[1][1], results[0][1], strict=True):
-        rel = ((got - want).norm() / want.norm()).item()
-        assert rel < 3e-2, (name, rel)
