@@ -1,0 +1,45 @@
+"""The training paths as they run on a GPU (bf16 autocast, torch.compile, every kernel), kernels on
+against off: llm.c's golden-trajectory check, where it matters. Needs a CUDA device; on a machine
+without one these tests are skipped, saying so (the kernels' own tests run there through the
+interpreter). `bench/gpu_check.sh` runs them with the rest of the suite on a GPU."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from gptfast.config import load_config
+from gptfast.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (bench/gpu_check.sh runs these on one)")
+
+KERNELS = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kernels.adamw": True}
+STEPS = 20
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("arch, optimizer", [("gpt2", "adamw"), ("modern", "muon")])
+def test_golden_trajectory_bf16_compiled(data_dir, tmp_path, arch, optimizer):
+    """20 optimizer steps of a 6-layer model in bf16 under torch.compile: with every kernel on, each
+    step's loss within 2% of the PyTorch path's (bf16 rounding differs between the paths, so the
+    trajectories drift apart slowly; a wrong gradient separates them within a few steps)."""
+    extra = {"model.arch": f'"{arch}"', "optim.name": f'"{optimizer}"', "model.n_layer": 6, "model.n_head": 6,
+             "model.n_embd": 384, "model.block_size": 256, "train.micro_batch_size": 8, "train.grad_accum_steps": 2,
+             "train.max_steps": STEPS, "train.eval_interval": STEPS, "train.checkpoint_interval": STEPS,
+             "train.device": '"cuda"', "train.dtype": '"bfloat16"', "train.compile": True,
+             "optim.lr_decay_steps": 0, "optim.warmup_steps": 5}
+    runs = {}
+    for name, kernels in (("off", {}), ("on", KERNELS)):
+        cfg = load_config(None, tiny_overrides(data_dir, tmp_path / name, dict(extra, **kernels)))
+        Trainer(cfg, log=lambda _: None).run()
+        runs[name] = losses(tmp_path / name)
+    assert [s for s, _ in runs["on"]] == list(range(1, STEPS + 1))
+    for (step, want), (_, got) in zip(runs["off"], runs["on"], strict=True):
+        assert got == pytest.approx(want, rel=2e-2), (step, runs)
+    assert runs["on"][-1][1] < runs["on"][0][1] - 1.0  # and it learns
