@@ -130,7 +130,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, 4C)
-        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form drifts from it.
+        # ReLU^2 (Primer); GPT-2 was trained with the tanh approximation of GELU, and the exact erf
+        # form drifts from it.
         h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
         return self.dropout(self.c_proj(h))
 
@@ -170,8 +171,8 @@ class MaskColumns(torch.autograd.Function):
 
 
 class GPT(nn.Module):
-    """GPT-2, or the modern variant (ModelConfig.arch). `kernel_cfg` picks gptfast's Triton ops over PyTorch's where they can run (CUDA, or
-    the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere.
+    """GPT-2, or the modern variant (ModelConfig.arch). `kernel_cfg` picks gptfast's Triton ops
+    over PyTorch's where they can run (CUDA, or the CPU under TRITON_INTERPRET=1); elsewhere the model uses PyTorch ops, so it runs anywhere.
     `recompute_cfg` recomputes blocks in backward (all of a block under "full", its cheap ops
     under "selective") instead of keeping their activations (torch's activation checkpointing);
     gradients are unchanged."""
