@@ -173,9 +173,9 @@ class MaskColumns(torch.autograd.Function):
 class GPT(nn.Module):
     """GPT-2, or the modern variant (ModelConfig.arch). `kernel_cfg` picks gptfast's Triton ops
     over PyTorch's where they can run (CUDA, or the CPU under TRITON_INTERPRET=1); elsewhere the
-    model uses PyTorch ops, so it runs anywhere. `recompute_cfg` recomputes blocks in backward (all of a block under "full", its cheap ops
-    under "selective") instead of keeping their activations (torch's activation checkpointing);
-    gradients are unchanged."""
+    model uses PyTorch ops, so it runs anywhere. `recompute_cfg` recomputes blocks in backward
+    (all of a block under "full", its cheap ops under "selective") instead of keeping their
+    activations (torch's activation checkpointing); gradients are unchanged."""
 
     def __init__(self, cfg: ModelConfig, kernel_cfg: KernelsConfig | None = None,
                  recompute_cfg: RecomputeConfig | None = None):
