@@ -58,6 +58,9 @@ def pytest_addoption(parser):
                      help="cap the GPU's memory to SIZE (e.g. 12GiB) to see what fits a smaller card")
     parser.addoption("--time-to-loss", default="full", choices=("quick", "full"),
                      help="bench_time_to_loss.py: the full protocol (minutes on a CPU) or a few steps (CI's smoke run)")
+    parser.addoption("--memory-grid", default="quick", choices=("quick", "full"),
+                     help="bench_memory.py: a few planner calibration cases (the default) or every config, "
+                          "micro-batch, policy and provider")
 
 
 @pytest.hookimpl(tryfirst=True)

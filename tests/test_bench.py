@@ -102,8 +102,23 @@ def test_the_benchmark_command_runs_and_writes_its_results(tmp_path):
         assert all(p.stat().st_size > 0 for p in new)
         ours = next(p for p in new if p.name.endswith(".json") and not p.name.endswith("pytest-benchmark.json"))
         suites = {row["suite"] for row in json.loads(ours.read_text())["rows"]}
-        assert {"layernorm", "cross_entropy", "linear_cross_entropy", "adamw", "train"} <= suites, suites
+        assert {"layernorm", "cross_entropy", "linear_cross_entropy", "adamw", "train", "memory"} <= suites, suites
         assert json.loads(next(p for p in new if p.name.endswith("pytest-benchmark.json")).read_text())["benchmarks"]
     finally:
         for path in new:
             path.unlink()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's answer on a machine without a GPU")
+@pytest.mark.parametrize("args, message", [(["bench_trian"], "unknown step 'bench_trian'"),
+                                           (["tests_gpu"], "no CUDA device")])
+def test_gpu_check_refuses_what_it_cannot_run(args, message):
+    """bench/gpu_check.sh: a misspelt step, or no GPU, is one error line and exit code 2, and no
+    results folder is made."""
+    import subprocess
+
+    before = set(RESULTS.glob("gpu-check_*"))
+    run = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run
+    assert set(RESULTS.glob("gpu-check_*")) == before
