@@ -43,7 +43,8 @@ from gptfast.trainer import Trainer
 # recipe -> (model.arch, optim.name)
 RECIPES = {"adamw": ("gpt2", "adamw"), "muon": ("gpt2", "muon"), "modern": ("modern", "muon")}
 FULL = {"steps": 240, "eval_interval": 20, "seeds": [0, 1, 2],
-        "sweep": {"adamw": [3e-4, 1e-3, 3e-3], "muon": [0.005, 0.01, 0.02], "modern": [1e-3, 3e-3, 1e-2]}}
+        "sweep": {"adamw": [3e-4, 1e-3, 3e-3], "muon": [0.0025, 0.005, 0.01, 0.02],
+                  "modern": [1e-3, 3e-3, 1e-2, 3e-2]}}
 QUICK = {"steps": 6, "eval_interval": 3, "seeds": [0], "sweep": {"adamw": [3e-3], "muon": [0.02], "modern": [3e-3]}}
 PACKAGES = ("json", "email", "asyncio", "unittest", "logging", "http")
 
@@ -127,6 +128,10 @@ def test_recipes_tokens_to_loss(benchmark, record, request, device, device_info,
     summary = {
         "protocol": {k: v for k, v in protocol.items()}, "recipes": {k: list(v) for k, v in RECIPES.items()},
         "best_lr": runs["best"], "sweep_final_val_loss": runs["sweep"],
+        # a best rate at either end of its sweep is not bracketed: the sweep should be widened
+        "best_lr_at_sweep_edge": [recipe for recipe, lr in runs["best"].items()
+                                  if len(protocol["sweep"][recipe]) > 1 and lr in (min(protocol["sweep"][recipe]),
+                                                                                   max(protocol["sweep"][recipe]))],
         "target_val_loss": target, "adamw_tokens": adamw_tokens,
         "final_val_loss": {recipe: [r["final"] for r in seeds] for recipe, seeds in runs["seeds"].items()},
         "tokens_to_target": {recipe: [tokens_to(r["curve"], target) for r in runs["seeds"][recipe]] for recipe in ratios},
