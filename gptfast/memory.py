@@ -5,8 +5,9 @@ block, the tensors autograd saves for backward under each recompute policy, coun
 ops of Block.forward; plus weights, gradients and AdamW moments, autocast's bf16 weight copies,
 the loss path (the unfused path holds fp32 log-probabilities of the whole vocabulary; the fused
 kernel holds one chunk), and one block's worth of transient gradients during backward.
-`measure_saved_bytes` counts the same thing on a real forward, which is how the formulas are
-checked (tests/test_memory.py), on any device.
+`measure_saved_bytes` counts the same thing on a real forward, and `measure_peak_bytes` the peak
+of a whole step (the loss path's term is checked with it), which is how the formulas are checked
+(tests/test_memory.py), on any device.
 """
 
 from __future__ import annotations
@@ -107,6 +108,44 @@ def measure_saved_bytes(model: torch.nn.Module, idx: torch.Tensor, targets: torc
     return by_place
 
 
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of op outputs alive at once, and their peak: each new storage is counted when an op
+    makes it and uncounted when it is freed. Storages that existed before (`existing`) are left out."""
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted = set(existing)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.counted.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.counted:
+                    self.counted.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, nbytes)
+        return out
+
+
+def measure_peak_bytes(fn: Callable[[], object], existing: list[torch.Tensor] = ()) -> int:
+    """The peak of bytes that torch ops allocate and hold at once while `fn()` runs (forward,
+    backward, anything), on any device: what torch.cuda.max_memory_allocated would add during
+    `fn`, less the allocator's rounding. Tensors in `existing` (parameters, inputs) are not counted
+    even when an op returns them; tensors made outside torch ops (factory calls count) are."""
+    tracker = _LiveBytes({t.untyped_storage().data_ptr() for t in existing})
+    with tracker:
+        fn()
+    return tracker.peak
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 
@@ -202,9 +241,12 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
         chunk = min(tokens * vocab * act_bytes, LOSS_CHUNK_BYTES)
         parts["loss"] = chunk + tokens * m.n_embd * act_bytes + vocab * m.n_embd * 4
     else:
-        # logits (padded, activation dtype) and their fp32 copy, fp32 log-probabilities saved for
-        # backward, and in backward their fp32 gradient: ~ (2a + 12) bytes per token and class
-        parts["loss"] = tokens * m.padded_vocab_size * (act_bytes * 2 + 12)
+        # The peak is in the log-softmax's backward: three fp32 (tokens, V_pad) tensors at once (the
+        # log-probabilities saved by the forward, their gradient, the input's gradient), whatever the
+        # activation dtype (autocast hands cross_entropy fp32 logits); a soft cap also keeps its
+        # fp32 tanh for backward: 12 (+ 4) bytes per token and class (measured on the model's own
+        # loss path: tests/test_memory.py).
+        parts["loss"] = tokens * m.padded_vocab_size * (12 + (4 if m.logit_softcap else 0))
     # Backward of one block: gradients of its saved activations, plus a recomputed block's
     # activations when it is recomputed.
     parts["backward transient"] = int(tokens * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))

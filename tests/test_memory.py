@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from gptfast.config import RECOMPUTE_POLICIES, KernelsConfig, ModelConfig, RecomputeConfig, load_config
+from gptfast.config import RECOMPUTE_POLICIES, Config, KernelsConfig, ModelConfig, RecomputeConfig, load_config
 from gptfast.errors import ConfigError
-from gptfast.memory import activation_bytes_per_token, budget_bytes, measure_saved_bytes, plan
+from gptfast.memory import activation_bytes_per_token, budget_bytes, measure_peak_bytes, measure_saved_bytes, plan, predict_peak
 from gptfast.model import GPT
 from gptfast.plan import main as plan_main
 
@@ -45,6 +45,31 @@ def test_saved_bytes_order_and_prediction(fused, arch):
         predicted = (cfg.n_layer - 1) * tokens * activation_bytes_per_token(cfg, policy, 4, fused)
         assert abs(measured[policy] - predicted) <= 0.10 * predicted, (policy, measured[policy], predicted)
     assert measured["none"] > measured["selective"] > measured["full"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unfused_loss_peak_matches_the_prediction(arch, autocast):
+    """The PyTorch loss path's peak (logits over the whole padded vocabulary, the log-softmax and
+    its backward; with the modern soft cap, its tanh too), measured over a training step of a model
+    so narrow that the loss is nearly all of it, within 10% of the planner's "loss" term."""
+    cfg = ModelConfig.for_arch(arch, n_layer=1, n_head=1, n_embd=16, block_size=64)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = batch(cfg)  # (2, 64) each
+
+    def step():
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(x, y)
+        loss.backward()
+
+    params = list(model.parameters())
+    measured = measure_peak_bytes(step, params + [x, y])
+    # the rest of the step: every parameter's fp32 gradient, and under autocast the bf16 copy of
+    # the head's (V_pad, C) weight its matmul reads
+    rest = 4 * sum(p.numel() for p in params) + (2 * model.lm_head.weight.numel() if autocast else 0)
+    predicted = predict_peak(Config(model=cfg), x.size(0), "none", act_bytes=2 if autocast else 4).parts["loss"]
+    assert abs(measured - rest - predicted) <= 0.10 * predicted, (measured - rest, predicted)
 
 
 @pytest.mark.parametrize("policy, every", [("selective", 1), ("full", 1), ("full", 2), ("selective", 3)])
