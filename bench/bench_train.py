@@ -30,7 +30,7 @@ PROVIDERS = {
 
 
 def build_trainer(config: str, provider: str, micro_batch: int | None, accum: int | None, data: Path, out: Path,
-                  budget_bytes: int | None = None):
+                  budget_bytes: int | None = None, extra: tuple[str, ...] = ()):
     overrides = PROVIDERS[provider] + [f"--data.data_dir={data}", "--data.dataset=random", f"--train.out_dir={out}",
                                       "--train.resume=false", "--train.sample_tokens=0"]
     if budget_bytes is not None and provider == "gptfast":
@@ -41,6 +41,7 @@ def build_trainer(config: str, provider: str, micro_batch: int | None, accum: in
     if not on_gpu():  # the CPU case exercises the harness: eager, two small micro-batches per step
         overrides += ["--train.compile=false", "--train.micro_batch_size=2", "--train.grad_accum_steps=2",
                       "--train.device=cpu"]
+    overrides += extra  # the caller's settings last: they win
     return Trainer(load_config(REPO / "configs" / f"{config}.toml", overrides), log=lambda _: None)
 
 

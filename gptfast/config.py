@@ -54,6 +54,9 @@ ARCH_DEFAULTS = {
                "zero_init_proj": True, "logit_softcap": 30.0, "bias": False},
 }
 RECOMPUTE_POLICIES = ("none", "selective", "full")
+# What train.compile compiles: the whole model as one graph, or each transformer block (regional
+# compilation: one compiled block serves all n_layer of them, a much shorter start).
+COMPILE_SCOPES = ("model", "blocks")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 # Sections that were renamed: an old name is an error that names the new one.
@@ -165,6 +168,9 @@ class TrainConfig:
     seed: int = _field(1337, "seed for initialisation, data order and dropout")
     dtype: str = _field("bfloat16", "autocast dtype on CUDA: bfloat16, float16 or float32")
     compile: bool = _field(False, "torch.compile the model")
+    compile_scope: str = _field("model", "with compile: model (the whole model, one graph) or blocks (each "
+                                         "transformer block, one compilation shared by all of them: a shorter "
+                                         "start; the embedding and the loss run uncompiled)")
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     sample_tokens: int = _field(64, "tokens sampled at the end of the run; 0 for none")
     init_from: str = _field("", "a Hugging Face GPT-2 to start from: a directory, or a hub name (gpt2, gpt2-medium, "
@@ -411,6 +417,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("train.max_param_growth", f"must be > 1, or 0 to disable the check, got {t.max_param_growth}")
     if t.sample_tokens < 0:
         fail("train.sample_tokens", f"must be >= 0, got {t.sample_tokens}")
+    if t.compile_scope not in COMPILE_SCOPES:
+        fail("train.compile_scope", f"expected one of {', '.join(COMPILE_SCOPES)}, got {t.compile_scope!r}"
+                                    f"{_suggest(t.compile_scope, COMPILE_SCOPES)}")
     if t.dtype not in DTYPES:
         fail("train.dtype", f"expected one of {', '.join(DTYPES)}, got {t.dtype!r}")
     device = t.device

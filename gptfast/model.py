@@ -44,6 +44,20 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def call_block(recompute: str, fn, *args):
+    """fn(*args) for one block, through torch's activation checkpointing under recompute "full"
+    (all of it recomputed in backward) or "selective" (its cheap ops only); "none" keeps every
+    activation. Dropout masks are the same in the recomputation (the RNG state is kept). Under
+    regional compilation (GPT.compile_blocks) this is the compiled function, so the checkpoint is
+    traced with the block and selective recomputation keeps its meaning."""
+    if recompute == "none":
+        return fn(*args)
+    if recompute == "selective":
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why gptfast's Triton kernels cannot run on `device`, or None when they can."""
     try:
@@ -184,6 +198,7 @@ class GPT(nn.Module):
         self.kernel_cfg = kernel_cfg or KernelsConfig()
         self.recompute_cfg = recompute_cfg or RecomputeConfig()
         self.loss_chunk_bytes: int | None = None  # the fused loss's chunk budget; None: from free memory
+        self._block_call = call_block  # compiled by compile_blocks
         modules = dict(wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd))
         if not cfg.rotary:
             modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
@@ -270,19 +285,21 @@ class GPT(nn.Module):
             x = self._run_block(i, block, x, None, 0, rope)
         return self.transformer.ln_f(x)
 
+    def compile_blocks(self, **options) -> None:
+        """Regional compilation: torch.compile each block's step instead of the whole model. The
+        blocks share their code, so dynamo traces one and every block reuses it (its weights are
+        inputs, not constants): compile time is one block's, whatever n_layer. The embedding, the
+        final norm and the loss run uncompiled around them."""
+        self._block_call = torch.compile(call_block, **options)
+
     def _recomputed(self, i: int) -> bool:
         policy = self.recompute_cfg.policy
         return policy != "none" and i % self.recompute_cfg.every == 0 and torch.is_grad_enabled()
 
     def _run_block(self, i: int, fn, *args):
-        """fn(*args) for block i, through torch's activation checkpointing when the config asks to
-        recompute this block. Dropout masks are the same in the recomputation (the RNG state is kept)."""
-        if not self._recomputed(i):
-            return fn(*args)
-        if self.recompute_cfg.policy == "selective":
-            context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-            return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
-        return checkpoint(fn, *args, use_reentrant=False)
+        """fn(*args) for block i, its activations recomputed in backward when the config asks
+        for this block (call_block)."""
+        return self._block_call(self.recompute_cfg.policy if self._recomputed(i) else "none", fn, *args)
 
     def _blocks_with_fused_norm(self, x: torch.Tensor, rope) -> torch.Tensor:
         """The Block loop and ln_f, computed the same way but with each residual add fused into
@@ -323,7 +340,7 @@ class GPT(nn.Module):
             if self._recomputed(i):
                 y, x = self._run_block(i, fused_block_from_stream, x, block, next_ln)
             else:
-                y, x = fused_block(y, x, block, next_ln)
+                y, x = self._run_block(i, fused_block, y, x, block, next_ln)
         return y
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -163,6 +163,9 @@ class Trainer:
 
     def _wrap_for_training(self) -> None:
         t = self.cfg.train
+        if t.compile and t.compile_scope == "blocks":
+            self.model.compile_blocks()  # regional compilation: the wrappers below stay uncompiled
+        compile_whole = t.compile and t.compile_scope == "model"
         if self.dist.world_size > 1:
             if self.step == 0:  # each rank its own dropout stream; rank 0's is the one checkpoints keep
                 torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
@@ -171,10 +174,10 @@ class Trainer:
                 # after a resume differ from an uninterrupted run's (without dropout it is exact).
                 torch.manual_seed(t.seed + 1_000_003 * self.dist.rank + self.step)
             ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            self.train_model = torch.compile(ddp) if t.compile else ddp
+            self.train_model = torch.compile(ddp) if compile_whole else ddp
             self.eval_model = self.model  # rank 0 evaluates alone: no DDP wrapper, no collectives
         else:
-            self.train_model = torch.compile(self.model) if t.compile else self.model
+            self.train_model = torch.compile(self.model) if compile_whole else self.model
             self.eval_model = self.train_model
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops = peak_bf16_flops(device_name(self.device)) if self.device.type == "cuda" else None

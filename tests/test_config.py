@@ -67,6 +67,7 @@ def test_int_accepted_where_float_expected(tmp_path):
     ("[train]\nmicro_batch_size = 0\n", "train.micro_batch_size", "must be positive"),
     ('[train]\ndtype = "fp8"\n', "train.dtype", "bfloat16, float16, float32"),
     ('[train]\ndevice = "tpu"\n', "train.device", "auto, cpu, cuda or cuda:N"),
+    ('[train]\ncompile_scope = "block"\n', "train.compile_scope", "did you mean 'blocks'"),
     ("[optim]\nmin_lr = 0.1\nlr = 0.01\n", "optim.min_lr", "must be in [0, optim.lr"),
     ("[optim]\nbetas = [0.9, 1.5]\n", "optim.betas", "[0, 1)"),
 ])
