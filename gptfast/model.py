@@ -12,6 +12,7 @@ which picks the flash backend on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -291,6 +292,16 @@ class GPT(nn.Module):
         inputs, not constants): compile time is one block's, whatever n_layer. The embedding, the
         final norm and the loss run uncompiled around them."""
         self._block_call = torch.compile(call_block, **options)
+
+    @contextlib.contextmanager
+    def uncompiled(self):
+        """The blocks uncompiled for the duration (compile_blocks' compilation is kept for after):
+        for inputs of many lengths, which would each be a new compilation."""
+        compiled, self._block_call = self._block_call, call_block
+        try:
+            yield self
+        finally:
+            self._block_call = compiled
 
     def _recomputed(self, i: int) -> bool:
         policy = self.recompute_cfg.policy

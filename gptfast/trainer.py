@@ -519,7 +519,7 @@ class Trainer:
         self.model.eval()
 
         def logits(ids):
-            with self.autocast():
+            with self.autocast(), self.model.uncompiled():
                 return self.model(ids)
 
         result = hellaswag.evaluate(logits, self.hellaswag_items, get_tokenizer(), self.cfg.model.block_size,

@@ -426,6 +426,10 @@ def test_compiled_blocks_share_one_compilation_and_match_eager(arch, layernorm, 
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     assert 1 <= counters["stats"]["unique_graphs"] <= 2 < cfg.n_layer, dict(counters["stats"])
+    traced = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), regional.uncompiled():  # another length, as HellaSwag's items: nothing compiled
+        regional(x[:, :5])
+    assert counters["stats"]["unique_graphs"] == traced
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
     for (name, _), got, want in zip(reference.named_parameters(), grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=name)
