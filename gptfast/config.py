@@ -140,6 +140,8 @@ class OptimConfig:
     grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 disables clipping")
     muon_lr: float = _field(0.02, "muon: peak learning rate of the Muon matrices (scaled by the schedule "
                                   "as lr is)")
+    muon_embedding_lr: float = _field(0.0, "muon: peak AdamW rate of an untied token embedding (model.tie_embeddings "
+                                           "= false; modded-nanogpt trains it at ~150x the head's rate); 0: lr")
     muon_momentum: float = _field(0.95, "muon: momentum (Nesterov)")
     muon_ns_steps: int = _field(5, "muon: Newton-Schulz iterations of the orthogonalisation")
     muon_weight_decay: float = _field(0.0, "muon: decoupled weight decay of the Muon matrices")
@@ -386,6 +388,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("optim.cooldown_fraction", f"must be in (0, 1], got {o.cooldown_fraction}")
     if o.muon_lr <= 0:
         fail("optim.muon_lr", f"must be positive, got {o.muon_lr}")
+    if o.muon_embedding_lr < 0:
+        fail("optim.muon_embedding_lr", f"must be >= 0 (0: optim.lr), got {o.muon_embedding_lr}")
     if not 0.0 <= o.muon_momentum < 1.0:
         fail("optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
     if o.muon_ns_steps < 1:

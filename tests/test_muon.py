@@ -57,6 +57,26 @@ def test_hidden_matrices_go_to_muon_and_the_rest_to_adamw():
     assert [g["split"] for g in groups] == [3, 1]  # c_attn as q, k, v
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_an_untied_embedding_takes_its_own_rate(arch):
+    """optim.muon_embedding_lr: the untied token embedding's AdamW group peaks there and the head
+    at lr; a tied embedding is the head, at lr; 0 leaves the embedding at lr. Each parameter is in
+    exactly one group."""
+    from gptfast.config import OptimConfig
+    from gptfast.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.for_arch(arch, n_layer=2, n_head=2, n_embd=32, block_size=16))
+    for embedding_lr, want in ((0.3, 0.3 if arch == "modern" else 1e-3), (0.0, 1e-3)):
+        cfg = OptimConfig(name="muon", lr=1e-3, muon_embedding_lr=embedding_lr)
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        peak = {id(p): g["peak_lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert sorted(peak) == sorted({id(p) for p in model.parameters()})  # each once
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == len(peak)
+        assert peak[id(model.transformer.wte.weight)] == want
+        assert peak[id(model.lm_head.weight)] == (1e-3 if arch == "modern" else want)
+
+
 def test_one_step_is_the_orthogonalised_momentum_and_leaves_adamw_parameters_alone():
     model = small_model()
     groups, others = muon_param_groups(model)
