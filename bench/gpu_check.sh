@@ -6,7 +6,8 @@
 #   bash bench/gpu_check.sh tests_gpu bench_kernels   # only the named steps, in the order given
 # Steps, most telling first (wall times are logged, so a slow step shows):
 #   tests_gpu      tests/test_gpu.py (20 bf16 steps compiled, kernels on vs off, GPT-2 + AdamW and
-#                  modern + Muon) and the sm_89 / sm_90 compile checks
+#                  modern + Muon; small, mid and medium trained 50 steps under a 12 GiB cap at the
+#                  planner's choice for 11 GiB) and the sm_89 / sm_90 compile checks
 #   bench_kernels  LayerNorm / RMSNorm, cross-entropy and AdamW against torch eager, torch.compile,
 #                  the peers and the measured bandwidth floor
 #   bench_train    one optimizer step per 4070 config, gptfast vs the compiled PyTorch path

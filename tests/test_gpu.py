@@ -43,3 +43,39 @@ def test_golden_trajectory_bf16_compiled(data_dir, tmp_path, arch, optimizer):
     for (step, want), (_, got) in zip(runs["off"], runs["on"], strict=True):
         assert got == pytest.approx(want, rel=2e-2), (step, runs)
     assert runs["on"][-1][1] < runs["on"][0][1] - 1.0  # and it learns
+
+
+@pytest.mark.parametrize("config", ["small_4070", "mid_4070", "medium_4070"])
+def test_trains_under_a_12_gib_cap_at_the_planners_choice(data_dir, tmp_path, config):
+    """A 12 GB card, emulated: the process capped to 12 GiB, every kernel on, the micro-batch and
+    recomputation planned into 11 GiB (the README's advice for a 12 GB card), 50 optimizer steps
+    with no out-of-memory error; the planned peak is printed beside the measured one. The
+    accumulation is cut to 16 sequences a step (the peak does not depend on it beyond two
+    micro-batches), so the test takes a minute, not hours."""
+    from conftest import REPO
+    from gptfast.memory import predict_peak
+
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = 12 * 2**30
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        overrides = [f"--{k}={v}" for k, v in {
+            **{k: "true" for k in KERNELS}, "train.memory_budget": '"11GiB"', "train.micro_batch_size": 16,
+            "train.grad_accum_steps": 1, "train.max_steps": 50, "train.eval_interval": 50, "train.eval_steps": 2,
+            "train.checkpoint_interval": 50, "train.log_interval": 10, "train.sample_tokens": 0,
+            "train.out_dir": f'"{tmp_path / "run"}"', "train.resume": "false", "data.dataset": '"small"',
+            "data.data_dir": f'"{data_dir}"', "train.device": '"cuda"'}.items()]
+        trainer = Trainer(load_config(REPO / "configs" / f"{config}.toml", overrides), log=print)
+        cfg = trainer.cfg
+        result = trainer.run()
+        measured = torch.cuda.max_memory_allocated(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    predicted = predict_peak(cfg, cfg.train.micro_batch_size, cfg.recompute.policy, cfg.recompute.every).peak_bytes
+    print(f"{config}: micro-batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps}, recompute "
+          f"{cfg.recompute.policy}: predicted {predicted / 2**30:.2f} GiB, allocated {measured / 2**30:.2f} GiB, "
+          f"reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB")
+    assert result.step == 50 and measured <= cap
