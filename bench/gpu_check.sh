@@ -24,6 +24,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d .carry/tiktoken_cache ]; then
     export TIKTOKEN_CACHE_DIR="$PWD/.carry/tiktoken_cache"
 fi
+PY=$(command -v python || command -v python3)  # some images have only python3
 ALL_STEPS=(tests_gpu bench_kernels bench_train bench_compile bench_memory bench_12gib tests)
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=("${ALL_STEPS[@]}")
@@ -33,7 +34,7 @@ for s in "${steps[@]}"; do
         exit 2
     fi
 done
-name=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null)
+name=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null)
 if [ -z "$name" ]; then
     echo "error: no CUDA device: this check runs on a GPU (the CPU suite is plain \`pytest\`)" >&2
     exit 2
@@ -43,12 +44,12 @@ mkdir -p "$out"
 {
     echo "device: $name"
     nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | sed 's/^/driver, memory, max SM clock: /'
-    python -c "import torch, triton; print('torch', torch.__version__, '/ triton', triton.__version__, '/ CUDA', torch.version.cuda)"
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, '/ triton', triton.__version__, '/ CUDA', torch.version.cuda)"
     echo "commit: $(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)"
     echo "steps: ${steps[*]}"
     echo "started: $(date -u +%FT%TZ)"
 } | tee "$out/environment.txt"
-pytest_q=(python -m pytest -q -p no:cacheprovider)
+pytest_q=("$PY" -m pytest -q -p no:cacheprovider)
 failed=0
 for s in "${steps[@]}"; do
     case $s in
