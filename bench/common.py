@@ -45,6 +45,10 @@ class DeviceInfo:
 
 
 def git_sha() -> str:
+    """The checkout's commit (with -dirty for uncommitted changes to tracked files); a copy of the
+    tree without its .git (a rented GPU machine's) names it through GPTFAST_COMMIT."""
+    if os.environ.get("GPTFAST_COMMIT"):
+        return os.environ["GPTFAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)

@@ -45,7 +45,8 @@ mkdir -p "$out"
     echo "device: $name"
     nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | sed 's/^/driver, memory, max SM clock: /'
     "$PY" -c "import torch, triton; print('torch', torch.__version__, '/ triton', triton.__version__, '/ CUDA', torch.version.cuda)"
-    echo "commit: $(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)"
+    # a copy of the tree without .git names its commit in GPTFAST_COMMIT (the benchmarks read it too)
+    echo "commit: ${GPTFAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)}"
     echo "steps: ${steps[*]}"
     echo "started: $(date -u +%FT%TZ)"
 } | tee "$out/environment.txt"
