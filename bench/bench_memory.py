@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_train import PROVIDERS, REPO
+from bench.bench_train import PROVIDERS, build_trainer
 from bench.common import Row, on_gpu, synchronize
-from gptfast.config import RECOMPUTE_POLICIES, load_config
+from gptfast.config import RECOMPUTE_POLICIES
 from gptfast.memory import predict_peak
 from gptfast.model import LOSS_CHUNK_BYTES, triton_unavailable_reason
 from gptfast.trainer import Trainer
@@ -59,13 +59,9 @@ def pytest_generate_tests(metafunc):
 
 
 def build(config: str, micro_batch: int, policy: str, provider: str, data: Path, out: Path) -> Trainer:
-    overrides = PROVIDERS[provider] + [
-        f"--data.data_dir={data}", "--data.dataset=random", f"--train.out_dir={out}", "--train.resume=false",
-        "--train.sample_tokens=0", f"--train.micro_batch_size={micro_batch}",
-        f"--train.grad_accum_steps={ACCUMULATION}", f"--recompute.policy={policy}", "--recompute.every=1"]
-    if not on_gpu():
-        overrides += ["--train.compile=false", "--train.device=cpu"]
-    trainer = Trainer(load_config(REPO / "configs" / f"{config}.toml", overrides), log=lambda _: None)
+    settings = (f"--train.micro_batch_size={micro_batch}", f"--train.grad_accum_steps={ACCUMULATION}",
+                f"--recompute.policy={policy}", "--recompute.every=1")
+    trainer = build_trainer(config, provider, None, None, data, out, extra=settings)
     trainer.model.loss_chunk_bytes = LOSS_CHUNK_BYTES  # the chunk a planned run keeps to, as the planner counts
     return trainer
 

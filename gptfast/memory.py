@@ -139,7 +139,8 @@ def measure_peak_bytes(fn: Callable[[], object], existing: list[torch.Tensor] = 
     """The peak of bytes that torch ops allocate and hold at once while `fn()` runs (forward,
     backward, anything), on any device: what torch.cuda.max_memory_allocated would add during
     `fn`, less the allocator's rounding. Tensors in `existing` (parameters, inputs) are not counted
-    even when an op returns them; tensors made outside torch ops (factory calls count) are."""
+    even when an op returns them. Factory calls (torch.empty, torch.zeros) dispatch like any op
+    and count; memory that never passes through torch's dispatcher (a numpy array) does not."""
     tracker = _LiveBytes({t.untyped_storage().data_ptr() for t in existing})
     with tracker:
         fn()
