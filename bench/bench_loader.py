@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.common import Row, time_calls
-from gptfast.data import SHARD_MAGIC, TokenLoader
+from gptfast.loader import SHARD_MAGIC, TokenLoader
 
 TOKENS = 30_000_000
 SHARDS = 8

@@ -13,7 +13,7 @@ import torch
 
 from bench.bench_train import CONFIGS, REPO
 from bench.common import Row, synchronize, time_calls
-from gptfast.config import load_config
+from gptfast.configfile import load_config
 from gptfast.muon import Muon, muon_param_groups
 from gptfast.trainer import Trainer
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import pytest
 
 from bench.common import RESULTS_DIR, Row, slug
-from gptfast.config import load_config
-from gptfast.data import prepare_recipe
+from gptfast.configfile import load_config
+from gptfast.datasets import prepare_recipe
 from gptfast.trainer import Trainer
 
 # recipe -> (model.arch, optim.name)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from bench.common import Row, on_gpu, peak_flops, synchronize, time_calls
-from gptfast.config import load_config, parse_bytes
+from gptfast.config import parse_bytes
+from gptfast.configfile import load_config
 from gptfast.hardware import mfu
 from gptfast.trainer import Trainer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptfast.data import Document, prepare_dataset
+from gptfast.datasets import Document, prepare_dataset
 from gptfast.errors import run_cli
 
 SOURCES = {

@@ -11,10 +11,8 @@ import dataclasses
 import difflib
 import math
 import re
-import tomllib
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 from gptfast.errors import ConfigError
 
@@ -27,16 +25,14 @@ DTYPES = ("bfloat16", "float16", "float32")
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-# `python -m gptfast.prepare` recipes; those that need no arguments and no network let a config
-# naming them prepare its dataset on its own.
-RECIPES = ("stdlib", "shakespeare", "text")
-OFFLINE_RECIPES = ("stdlib",)
-# How input that is not UTF-8 is handled when a corpus is read.
-DECODE_ERRORS = ("strict", "replace")
 
-
-def is_dataset_name(name: str) -> bool:
-    return bool(DATASET_NAME.fullmatch(name)) and ".." not in name
+def dataset_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a dataset, or None: the one check of data.dataset, `prepare --name`
+    and every other place a dataset is named."""
+    if DATASET_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return (f"{name!r} must be a plain name (letters, digits, '.', '_', '-'): a dataset is the folder of "
+            "that name inside the data folder")
 # Activation recomputation ([recompute]): none keeps every activation for backward, selective
 # recomputes a block's cheap elementwise ops, full recomputes the whole block.
 ARCHES = ("gpt2", "modern")
@@ -64,6 +60,22 @@ RENAMED_SECTIONS = {"checkpointing": "recompute"}
 # Where metrics go ([log] backends); each but jsonl needs its optional extra (setup.py).
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+# A section's validate() reports an impossible value through fail(key, why), which raises.
+Fail = Callable[[str, str], None]
+
+
+def with_arch_defaults(values: dict) -> dict:
+    """A [model] section's values over its arch's switch defaults (ARCH_DEFAULTS): the one place
+    they are merged, for the TOML loader and for ModelConfig.for_arch alike."""
+    arch = values.get("arch")
+    return {**(ARCH_DEFAULTS.get(arch, {}) if isinstance(arch, str) else {}), **values}
+
+
+def _choice(fail: Fail, key: str, value: str, choices) -> None:
+    if value not in choices:
+        fail(key, f"expected one of {', '.join(choices)}, got {value!r}{_suggest(value, choices)}")
 
 
 def _field(default, doc: str):
@@ -104,7 +116,34 @@ class ModelConfig:
     def for_arch(cls, arch: str, **values) -> "ModelConfig":
         """A ModelConfig of `arch` with its switches' defaults (ARCH_DEFAULTS), then `values`:
         the TOML loader fills a section the same way."""
-        return cls(**{"arch": arch, **ARCH_DEFAULTS.get(arch, {}), **values})
+        return cls(**with_arch_defaults({"arch": arch, **values}))
+
+    def validate(self, fail: Fail) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, key) <= 0:
+                fail(f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            fail("model.n_embd", f"{self.n_embd} is not divisible by model.n_head = {self.n_head}")
+        if self.vocab_size > 65536:
+            fail("model.vocab_size", f"token files hold uint16 ids, so at most 65536, got {self.vocab_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _choice(fail, "model.arch", self.arch, ARCHES)
+        _choice(fail, "model.norm", self.norm, NORMS)
+        _choice(fail, "model.mlp", self.mlp, MLPS)
+        if self.arch == "gpt2":
+            for key, value in GPT2_SWITCHES.items():
+                if getattr(self, key) != value:
+                    fail(f"model.{key}", f"{_toml_value(getattr(self, key))} is not GPT-2's architecture, which "
+                                         "model.arch = \"gpt2\" keeps exactly (it exports to Hugging Face); set "
+                                         "model.arch = \"modern\" to change it")
+        if self.logit_softcap < 0:
+            fail("model.logit_softcap", f"must be >= 0 (0: off), got {self.logit_softcap}")
+        if self.rotary_base <= 1:
+            fail("model.rotary_base", f"must be > 1, got {self.rotary_base}")
+        if self.rotary and self.head_dim % 2:
+            fail("model.rotary", f"rotary embeddings rotate pairs of channels: the head size "
+                                 f"(n_embd / n_head = {self.head_dim}) must be even")
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +159,10 @@ class DataConfig:
     dataset: str = _field("stdlib", "prepared dataset name: data_dir/<dataset>/{train,val}.bin")
     data_dir: str = _field("data", "folder holding prepared datasets")
     auto_prepare: bool = _field(True, "prepare a missing dataset whose recipe needs no arguments")
+
+    def validate(self, fail: Fail) -> None:
+        if problem := dataset_name_problem(self.dataset):
+            fail("data.dataset", problem)
 
 
 @dataclass
@@ -145,6 +188,40 @@ class OptimConfig:
     muon_momentum: float = _field(0.95, "muon: momentum (Nesterov)")
     muon_ns_steps: int = _field(5, "muon: Newton-Schulz iterations of the orthogonalisation")
     muon_weight_decay: float = _field(0.0, "muon: decoupled weight decay of the Muon matrices")
+
+    def validate(self, fail: Fail) -> None:
+        if self.lr <= 0:
+            fail("optim.lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            fail("optim.min_lr", f"must be in [0, optim.lr = {self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            fail("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.lr_decay_steps and self.lr_decay_steps < self.warmup_steps:
+            fail("optim.lr_decay_steps", f"must be >= optim.warmup_steps = {self.warmup_steps} "
+                                         "(or 0: train.max_steps)")
+        if self.lr_decay_steps < 0:
+            fail("optim.lr_decay_steps", f"must be >= 0 (0: train.max_steps), got {self.lr_decay_steps}")
+        _choice(fail, "optim.name", self.name, OPTIMIZERS)
+        _choice(fail, "optim.schedule", self.schedule, SCHEDULES)
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            fail("optim.cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction}")
+        if self.muon_lr <= 0:
+            fail("optim.muon_lr", f"must be positive, got {self.muon_lr}")
+        if self.muon_embedding_lr < 0:
+            fail("optim.muon_embedding_lr", f"must be >= 0 (0: optim.lr), got {self.muon_embedding_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            fail("optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_ns_steps < 1:
+            fail("optim.muon_ns_steps", f"must be >= 1, got {self.muon_ns_steps}")
+        for key in ("muon_weight_decay", "weight_decay"):
+            if getattr(self, key) < 0:
+                fail(f"optim.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            fail("optim.betas", f"each must be in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            fail("optim.eps", f"must be positive, got {self.eps}")
+        if self.grad_clip < 0:
+            fail("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -183,12 +260,48 @@ class TrainConfig:
     target_val_loss: float = _field(0.0, "stop at the first evaluation whose val loss is at or below this, and "
                                          "report the time, tokens and steps it took; 0: no target")
 
+    def validate(self, fail: Fail) -> None:
+        for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_steps",
+                    "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, key) <= 0:
+                fail(f"train.{key}", f"must be positive, got {getattr(self, key)}")
+        if self.target_val_loss < 0:
+            fail("train.target_val_loss", f"must be >= 0 (0: no target), got {self.target_val_loss}")
+        if not 0 <= self.seed < 2**63:
+            fail("train.seed", f"must be in [0, 2**63), got {self.seed}")
+        for key in ("loss_spike_factor", "max_param_growth"):
+            value = getattr(self, key)
+            if value != 0 and value <= 1:
+                fail(f"train.{key}", f"must be > 1, or 0 to disable the check, got {value}")
+        if self.sample_tokens < 0:
+            fail("train.sample_tokens", f"must be >= 0, got {self.sample_tokens}")
+        _choice(fail, "train.compile_scope", self.compile_scope, COMPILE_SCOPES)
+        if self.dtype not in DTYPES:
+            fail("train.dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+        if not self.out_dir:
+            fail("train.out_dir", "must not be empty")
+        if self.memory_budget:
+            try:
+                parse_bytes(self.memory_budget)
+            except ValueError as e:
+                fail("train.memory_budget", str(e))
+
 
 @dataclass
 class KernelsConfig:
     layernorm: bool = _field(False, "Triton fused residual-add + LayerNorm")
     cross_entropy: bool = _field(False, "Triton fused linear + cross-entropy loss")
     adamw: bool = _field(False, "Triton fused AdamW with fused gradient clipping")
+    loss_chunk_mib: int = _field(256, "cross_entropy: the fused loss holds at most this many MiB of logits at "
+                                      "once (a fixed budget, which the memory planner counts: the same chunks, "
+                                      "and the same fp32 summation order, on every run and every resume)")
+
+    def validate(self, fail: Fail) -> None:
+        if self.loss_chunk_mib <= 0:
+            fail("kernels.loss_chunk_mib", f"must be positive, got {self.loss_chunk_mib}")
 
 
 @dataclass
@@ -197,6 +310,12 @@ class RecomputeConfig:
                                  "cheap ops) or full (the whole block)")
     every: int = _field(1, "recompute every k-th block (1: all of them)")
 
+    def validate(self, fail: Fail) -> None:
+        if self.policy not in RECOMPUTE_POLICIES:
+            fail("recompute.policy", f"expected one of {', '.join(RECOMPUTE_POLICIES)}, got {self.policy!r}")
+        if self.every <= 0:
+            fail("recompute.every", f"must be positive, got {self.every}")
+
 
 @dataclass
 class EvalConfig:
@@ -204,6 +323,11 @@ class EvalConfig:
     hellaswag_limit: int = _field(0, "the first N HellaSwag items only; 0: all 10,042 of the val split")
     hellaswag_input: str = _field("", "the HellaSwag val jsonl, read offline; empty: download once into "
                                       "~/.cache/gptfast")
+
+    def validate(self, fail: Fail) -> None:
+        for key in ("hellaswag_interval", "hellaswag_limit"):
+            if getattr(self, key) < 0:
+                fail(f"eval.{key}", "must be >= 0 (0: off / all items)")
 
 
 @dataclass
@@ -216,6 +340,17 @@ class LogConfig:
     wandb_run_name: str = _field("", "Weights & Biases run name; empty: the name of train.out_dir")
     wandb_mode: str = _field("", "online, offline (no account needed; sync later) or disabled; empty: "
                                  "wandb's own default (WANDB_MODE, else online)")
+
+    def validate(self, fail: Fail) -> None:
+        for backend in self.backends:
+            if backend not in LOG_BACKENDS:
+                fail("log.backends", f"unknown backend {backend!r}{_suggest(backend, LOG_BACKENDS)}")
+        if len(set(self.backends)) != len(self.backends):
+            fail("log.backends", f"names a backend twice: {list(self.backends)}")
+        if self.progress_seconds < 0:
+            fail("log.progress_seconds", f"must be >= 0 (0: no progress lines), got {self.progress_seconds}")
+        if self.wandb_mode not in WANDB_MODES:
+            fail("log.wandb_mode", f"expected online, offline, disabled or empty, got {self.wandb_mode!r}")
 
 
 @dataclass
@@ -237,318 +372,31 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self, source: str = "<config>") -> None:
+        """Raise ConfigError for values that are well-typed but impossible: each section's own
+        checks, then those across sections."""
 
-SECTION_TYPES: dict[str, type] = typing.get_type_hints(Config)
-SECTIONS = tuple(SECTION_TYPES)
+        def fail(key: str, why: str):
+            raise ConfigError(f"{source}: {key}: {why}")
 
-
-def _shown(name: str) -> str:
-    """A user's section or key name as an error message quotes it: as typed when it is a plain
-    name, else repr (a newline in a name must not split the one-line error)."""
-    return name if name.isidentifier() else repr(name)
+        for section in dataclasses.fields(self):  # NaN passes every comparison, so it is caught here
+            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                    fail(f"{section.name}.{key}", f"must be a finite number, got {value!r}")
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate(fail)
+        if self.train.init_from and self.model.arch != "gpt2":
+            fail("train.init_from", f"loads OpenAI GPT-2 weights, which need model.arch = \"gpt2\", "
+                                    f"not {self.model.arch!r}")
+        if self.optim.name == "muon" and self.train.dtype == "float16":
+            fail("optim.name", "muon does not run with train.dtype = float16 (its loss scaler steps one torch "
+                               "optimizer); use bfloat16")
 
 
 def _suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(choices)}"
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
-        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
-    if typing.get_origin(tp) is tuple:
-        return "a list of " + ", ".join(t.__name__ for t in typing.get_args(tp))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
-
-
-def _coerce(value, tp, where: str):
-    """Check `value` against the annotated type `tp`; ints are accepted where floats are expected."""
-    ok = False
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            value = float(value)
-    elif tp is str:
-        ok = isinstance(value, str)
-    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[X, ...]
-        if isinstance(value, str):  # --log.backends=jsonl,tensorboard from the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, typing.get_args(tp)[0], where) for v in value)
-    elif typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            items = [_coerce(v, t, where) for v, t in zip(value, args, strict=True)]
-            return tuple(items)
-    else:  # pragma: no cover - a field type this loader does not know is a programming error
-        raise TypeError(f"unsupported config type {tp}")
-    if not ok:
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _section_from_dict(cls, values: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{where}{_shown(key)}: unknown key{_suggest(key, names)}")
-        doc = cls.__dataclass_fields__[key].metadata.get("doc", "")
-        try:
-            kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
-        except ConfigError as e:
-            raise ConfigError(f"{e} ({doc})") from None
-    return cls(**kwargs)
-
-
-def config_from_dict(raw: dict, source: str = "<config>") -> Config:
-    """Build and validate a Config from a nested dict (a parsed TOML document)."""
-    sections = {}
-    for name, values in raw.items():
-        if name in RENAMED_SECTIONS:
-            new = RENAMED_SECTIONS[name]
-            raise ConfigError(f"{source}: [{name}]: this section is now [{new}] (same keys); rename it")
-        if name not in SECTIONS:
-            raise ConfigError(f"{source}: [{_shown(name)}]: unknown section{_suggest(name, SECTIONS)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: {name}: expected a [{name}] table, got {values!r}")
-        if name == "model" and values.get("arch") in ARCH_DEFAULTS:  # the arch's switch defaults, then the file's
-            values = {**ARCH_DEFAULTS[values["arch"]], **values}
-        sections[name] = _section_from_dict(SECTION_TYPES[name], values, f"{source}: {name}.")
-    cfg = Config(**sections)
-    validate(cfg, source)
-    return cfg
-
-
-def validate(cfg: Config, source: str = "<config>") -> None:
-    """Raise ConfigError for values that are well-typed but impossible."""
-
-    def fail(key: str, why: str):
-        raise ConfigError(f"{source}: {key}: {why}")
-
-    m, o, t = cfg.model, cfg.optim, cfg.train
-    for section in dataclasses.fields(cfg):  # NaN passes every comparison below, so it is caught here
-        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            values = value if isinstance(value, (list, tuple)) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                fail(f"{section.name}.{key}", f"must be a finite number, got {value!r}")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if getattr(m, key) <= 0:
-            fail(f"model.{key}", f"must be positive, got {getattr(m, key)}")
-    if m.n_embd % m.n_head:
-        fail("model.n_embd", f"{m.n_embd} is not divisible by model.n_head = {m.n_head}")
-    if m.vocab_size > 65536:
-        fail("model.vocab_size", f"token files hold uint16 ids, so at most 65536, got {m.vocab_size}")
-    if not 0.0 <= m.dropout < 1.0:
-        fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if m.arch not in ARCHES:
-        fail("model.arch", f"expected one of {', '.join(ARCHES)}, got {m.arch!r}{_suggest(m.arch, ARCHES)}")
-    if m.norm not in NORMS:
-        fail("model.norm", f"expected one of {', '.join(NORMS)}, got {m.norm!r}{_suggest(m.norm, NORMS)}")
-    if m.mlp not in MLPS:
-        fail("model.mlp", f"expected one of {', '.join(MLPS)}, got {m.mlp!r}{_suggest(m.mlp, MLPS)}")
-    if m.arch == "gpt2":
-        for key, value in GPT2_SWITCHES.items():
-            if getattr(m, key) != value:
-                fail(f"model.{key}", f"{_toml_value(getattr(m, key))} is not GPT-2's architecture, which model.arch = "
-                                     f"\"gpt2\" keeps exactly (it exports to Hugging Face); set model.arch = \"modern\" "
-                                     f"to change it")
-    if m.logit_softcap < 0:
-        fail("model.logit_softcap", f"must be >= 0 (0: off), got {m.logit_softcap}")
-    if m.rotary_base <= 1:
-        fail("model.rotary_base", f"must be > 1, got {m.rotary_base}")
-    if m.rotary and m.head_dim % 2:
-        fail("model.rotary", f"rotary embeddings rotate pairs of channels: the head size "
-                             f"(n_embd / n_head = {m.head_dim}) must be even")
-    if t.init_from and m.arch != "gpt2":
-        fail("train.init_from", f"loads OpenAI GPT-2 weights, which need model.arch = \"gpt2\", not {m.arch!r}")
-    if not is_dataset_name(cfg.data.dataset):
-        fail("data.dataset", f"must be a plain dataset name (letters, digits, '.', '_', '-'; a folder inside "
-                             f"data.data_dir), got {cfg.data.dataset!r}")
-    if o.lr <= 0:
-        fail("optim.lr", f"must be positive, got {o.lr}")
-    if not 0 <= o.min_lr <= o.lr:
-        fail("optim.min_lr", f"must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
-    if o.warmup_steps < 0:
-        fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    if o.lr_decay_steps and o.lr_decay_steps < o.warmup_steps:
-        fail("optim.lr_decay_steps", f"must be >= optim.warmup_steps = {o.warmup_steps} (or 0: train.max_steps)")
-    if o.lr_decay_steps < 0:
-        fail("optim.lr_decay_steps", f"must be >= 0 (0: train.max_steps), got {o.lr_decay_steps}")
-    if o.name not in OPTIMIZERS:
-        fail("optim.name", f"expected one of {', '.join(OPTIMIZERS)}, got {o.name!r}{_suggest(o.name, OPTIMIZERS)}")
-    if o.schedule not in SCHEDULES:
-        fail("optim.schedule", f"expected one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
-    if not 0.0 < o.cooldown_fraction <= 1.0:
-        fail("optim.cooldown_fraction", f"must be in (0, 1], got {o.cooldown_fraction}")
-    if o.muon_lr <= 0:
-        fail("optim.muon_lr", f"must be positive, got {o.muon_lr}")
-    if o.muon_embedding_lr < 0:
-        fail("optim.muon_embedding_lr", f"must be >= 0 (0: optim.lr), got {o.muon_embedding_lr}")
-    if not 0.0 <= o.muon_momentum < 1.0:
-        fail("optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
-    if o.muon_ns_steps < 1:
-        fail("optim.muon_ns_steps", f"must be >= 1, got {o.muon_ns_steps}")
-    if o.muon_weight_decay < 0:
-        fail("optim.muon_weight_decay", f"must be >= 0, got {o.muon_weight_decay}")
-    if o.name == "muon" and t.dtype == "float16":
-        fail("optim.name", "muon does not run with train.dtype = float16 (its loss scaler steps one torch optimizer); "
-                           "use bfloat16")
-    if t.target_val_loss < 0:
-        fail("train.target_val_loss", f"must be >= 0 (0: no target), got {t.target_val_loss}")
-    if o.weight_decay < 0:
-        fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if not all(0.0 <= b < 1.0 for b in o.betas):
-        fail("optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
-    if o.eps <= 0:
-        fail("optim.eps", f"must be positive, got {o.eps}")
-    if o.grad_clip < 0:
-        fail("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
-    for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_steps",
-                "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"):
-        if getattr(t, key) <= 0:
-            fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
-    if not 0 <= t.seed < 2**63:
-        fail("train.seed", f"must be in [0, 2**63), got {t.seed}")
-    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
-        fail("train.loss_spike_factor", f"must be > 1, or 0 to disable the check, got {t.loss_spike_factor}")
-    if t.max_param_growth != 0 and t.max_param_growth <= 1:
-        fail("train.max_param_growth", f"must be > 1, or 0 to disable the check, got {t.max_param_growth}")
-    if t.sample_tokens < 0:
-        fail("train.sample_tokens", f"must be >= 0, got {t.sample_tokens}")
-    if t.compile_scope not in COMPILE_SCOPES:
-        fail("train.compile_scope", f"expected one of {', '.join(COMPILE_SCOPES)}, got {t.compile_scope!r}"
-                                    f"{_suggest(t.compile_scope, COMPILE_SCOPES)}")
-    if t.dtype not in DTYPES:
-        fail("train.dtype", f"expected one of {', '.join(DTYPES)}, got {t.dtype!r}")
-    device = t.device
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
-    if not t.out_dir:
-        fail("train.out_dir", "must not be empty")
-    if t.memory_budget:
-        try:
-            parse_bytes(t.memory_budget)
-        except ValueError as e:
-            fail("train.memory_budget", str(e))
-    if cfg.recompute.policy not in RECOMPUTE_POLICIES:
-        fail("recompute.policy", f"expected one of {', '.join(RECOMPUTE_POLICIES)}, got {cfg.recompute.policy!r}")
-    if cfg.recompute.every <= 0:
-        fail("recompute.every", f"must be positive, got {cfg.recompute.every}")
-    for backend in cfg.log.backends:
-        if backend not in LOG_BACKENDS:
-            fail("log.backends", f"unknown backend {backend!r}{_suggest(backend, LOG_BACKENDS)}")
-    if len(set(cfg.log.backends)) != len(cfg.log.backends):
-        fail("log.backends", f"names a backend twice: {list(cfg.log.backends)}")
-    if cfg.eval.hellaswag_interval < 0 or cfg.eval.hellaswag_limit < 0:
-        fail("eval.hellaswag_interval" if cfg.eval.hellaswag_interval < 0 else "eval.hellaswag_limit",
-             "must be >= 0 (0: off / all items)")
-    if cfg.log.progress_seconds < 0:
-        fail("log.progress_seconds", f"must be >= 0 (0: no progress lines), got {cfg.log.progress_seconds}")
-    if cfg.log.wandb_mode not in WANDB_MODES:
-        fail("log.wandb_mode", f"expected online, offline, disabled or empty, got {cfg.log.wandb_mode!r}")
-
-
-# On resume, a change to one of these changes the training trajectory (the data windows, the batch,
-# the dropout masks), so it is refused unless train.allow_config_change is set; the architecture is
-# checked separately (a checkpoint of another model cannot load at all). Any other change is logged.
-TRAJECTORY_KEYS = ("train.seed", "train.micro_batch_size", "train.grad_accum_steps", "data.dataset",
-                   "model.dropout", "optim.name")
-# Settings that say how to start this process, not what the run is: never reported as changes.
-START_KEYS = ("train.resume", "train.allow_config_change")
-
-
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(trajectory changes, other changes) between a checkpoint's config dict and this run's, each
-    as "section.key: old -> new"."""
-    trajectory, other = [], []
-    for section, values in current.items():
-        for key, new in values.items():
-            name = f"{section}.{key}"
-            old = saved.get(section, {}).get(key, new)
-            if isinstance(old, list):
-                old = tuple(old)
-            if old == (tuple(new) if isinstance(new, list) else new) or name in START_KEYS:
-                continue
-            (trajectory if name in TRAJECTORY_KEYS else other).append(f"{name}: {old!r} -> {new!r}")
-    return trajectory, other
-
-
-def parse_bytes(text: str) -> int:
-    """'12GiB', '12 GB', '11000MiB', '1.5TiB' -> bytes; anything else raises ValueError."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B)\s*", text)
-    if not match:
-        raise ValueError(f"expected a size with a unit, such as 12GiB or 11.5 GB, got {text!r}")
-    value = float(match.group(1)) * {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20,
-                                     "GiB": 2**30, "TiB": 2**40}[match.group(2)]
-    if value <= 0:
-        raise ValueError(f"must be positive, got {text!r}")
-    return int(value)
-
-
-def parse_override(arg: str, source: str = "command line") -> tuple[str, str, object]:
-    """`--section.key=value` -> (section, key, value); the value is read as TOML, else as a string."""
-    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
-        raise ConfigError(f"{source}: {arg!r}: expected --section.key=value, e.g. --train.max_steps=100")
-    dotted, text = arg[2:].split("=", 1)
-    section, _, key = dotted.partition(".")
-    if not section or not key or "." in key:
-        raise ConfigError(f"{source}: {arg!r}: expected --section.key=value")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word such as `cpu` or `12GiB` is a string
-    return section, key, value
-
-
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config (or the defaults when `path` is None) and apply CLI overrides."""
-    raw: dict = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{source}: is a directory, not a config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: not valid TOML: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read config: {e}") from None
-    # Validate the file on its own first, so an error names the file rather than an override.
-    config_from_dict(raw, source)
-    for arg in overrides:
-        section, key, value = parse_override(arg)
-        if section in raw and not isinstance(raw[section], dict):
-            raise ConfigError(f"{source}: {section}: expected a [{section}] table")
-        raw.setdefault(section, {})[key] = value
-    return config_from_dict(raw, f"{source} (with command-line overrides)" if overrides else source)
-
-
-def describe_keys(width: int = 100) -> str:
-    """Every config key as `--section.key=DEFAULT  doc`, section by section: the train CLI's help,
-    generated from the dataclasses' field docs so it cannot fall behind them."""
-    import textwrap
-
-    lines = []
-    for section, cls in SECTION_TYPES.items():
-        lines.append(f"[{section}]")
-        defaults = dataclasses.asdict(cls())
-        for f in dataclasses.fields(cls):
-            head = f"  --{section}.{f.name}={_toml_value(defaults[f.name])}"
-            doc = f.metadata.get("doc", "")
-            wrapped = textwrap.wrap(doc, width - 8) or [""]
-            lines.append(head)
-            lines.extend(f"        {part}" for part in wrapped)
-    return "\n".join(lines)
 
 
 def _toml_value(value) -> str:
@@ -563,11 +411,15 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def to_toml(cfg: Config) -> str:
-    """The resolved config as a TOML document that `load_config` reads back to an equal Config."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
+def parse_bytes(text: str) -> int:
+    """'12GiB', '12 GB', '11000MiB', '1.5TiB' -> bytes; anything else raises ValueError."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B)\s*", text)
+    if not match:
+        raise ValueError(f"expected a size with a unit, such as 12GiB or 11.5 GB, got {text!r}")
+    value = float(match.group(1)) * {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20,
+                                     "GiB": 2**30, "TiB": 2**40}[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return int(value)
+
+

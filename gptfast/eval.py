@@ -10,26 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from gptfast.errors import run_cli
-
-
-def load_any(source: str, device):
-    """(model, label): a Hugging Face GPT-2 directory, or a gptfast checkpoint / run directory."""
-    from gptfast.model import GPT
-
-    folder = Path(source)
-    if folder.is_dir() and (folder / "config.json").is_file():
-        from gptfast import hf
-
-        model = GPT(hf.model_config_from_hf(hf.read_hf_config(folder), 0.0))
-        hf.load_hf_into(model, folder)
-        return model.to(device).eval(), f"{folder} (Hugging Face)"
-    from gptfast.sample import load_model
-
-    model, state = load_model(source, device)
-    return model, f"{state['path']} (step {state['step']})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,19 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit and --batch must be >= 1")
 
     def run():
-        import torch
-
         from gptfast import hellaswag
-        from gptfast.data import get_tokenizer
         from gptfast.device import resolve_device
+        from gptfast.inference import autocast, load_any
+        from gptfast.tokenizer import get_tokenizer
 
         device = resolve_device(args.device)
         items = hellaswag.read_items(hellaswag.data_file(args.split, args.input), args.limit)
-        model, label = load_any(args.source, device)
-        dtype = torch.bfloat16 if device.type == "cuda" else None
+        model, label, dtype = load_any(args.source, device)
 
         def logits(ids):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, dtype):
                 return model(ids)
 
         result = hellaswag.evaluate(logits, items, get_tokenizer(), model.config.block_size, device, args.batch)

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def export():
         from gptfast.checkpoint import load_checkpoint  # after parsing: --help needs no torch
-        from gptfast.config import config_from_dict
+        from gptfast.configfile import config_from_dict
         from gptfast.hf import export_hf
 
         state = load_checkpoint(args.checkpoint)

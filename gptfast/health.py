@@ -14,6 +14,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 # The spike reference: the mean loss of this many recent healthy steps, once at least
 # SPIKE_MIN_HISTORY of them exist (the first steps of a run have nothing to compare with).
 SPIKE_WINDOW = 10
@@ -74,3 +76,58 @@ class HealthGuard:
         self.recent_losses = deque(state["recent_losses"], maxlen=SPIKE_WINDOW)
         self.param_norm = state["param_norm"]
         self.bad_in_a_row = state["bad_in_a_row"]
+
+
+class HealthMonitor:
+    """The guard as the trainer uses it: after an update, `updated(model)` queues the parameter norm
+    (a device tensor); `judge(loss, grad_norm)` reads it with the step's loss and gradient norm in
+    one host sync and returns the verdict on the step; `judge_update()` judges a queued norm on
+    its own, before a checkpoint of those weights is written. Its state is the guard's."""
+
+    def __init__(self, guard: HealthGuard, loss_scaled: bool = False):
+        self.guard = guard
+        self.loss_scaled = loss_scaled  # float16: an overflowing gradient is the loss scaler's business
+        self._pending: torch.Tensor | None = None  # the norm after the last update, not yet judged
+
+    @property
+    def healthy(self) -> bool:
+        return self.guard.healthy
+
+    @property
+    def bad_in_a_row(self) -> int:
+        return self.guard.bad_in_a_row
+
+    @torch.no_grad()
+    def updated(self, model: torch.nn.Module) -> None:
+        norms = torch._foreach_norm(list(model.parameters()))
+        self._pending = torch.linalg.vector_norm(torch.stack(norms).float())
+
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor,
+              also: torch.Tensor | None = None) -> tuple[Verdict, float | None]:
+        """(the verdict on this step, the host value of `also`): the step's one host read."""
+        pending, self._pending = self._pending, None
+        values = [loss, grad_norm.float()] + [v.float() for v in (also, pending) if v is not None]
+        host = torch.stack(values).tolist()
+        loss_value, norm = host[0], (0.0 if self.loss_scaled else host[1])
+        also_value = host[2] if also is not None else None
+        verdict = self.guard.check_param_norm(host[-1]) if pending is not None else Verdict(True)
+        if verdict.healthy:
+            verdict = self.guard.check_step(loss_value, norm)
+        self.guard.record(verdict, loss_value)
+        return verdict, also_value
+
+    def judge_update(self) -> Verdict:
+        """The last update's verdict, judged now if it was not yet (one host sync)."""
+        if self._pending is None:
+            return Verdict(True)
+        verdict = self.guard.check_param_norm(self._pending.item())
+        self._pending = None
+        if not verdict.healthy:
+            self.guard.record(verdict, float("nan"))
+        return verdict
+
+    def state_dict(self) -> dict:
+        return self.guard.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guard.load_state_dict(state)

@@ -53,7 +53,7 @@ def data_file(split: str, input_file: str | None = None, log: Callable[[str], No
     path = cache_dir() / "hellaswag" / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
-    from gptfast.data import download
+    from gptfast.files import download
 
     log(f"downloading {URLS[split]} -> {path}")
     path.parent.mkdir(parents=True, exist_ok=True)

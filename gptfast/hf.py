@@ -55,7 +55,7 @@ def resolve_source(source: str, log=print) -> Path:
         raise CheckpointError(f"init_from {source!r}: not a local directory, and not in the Hugging Face cache "
                               f"({repo} lacks {' and '.join(HUB_FILES)}); HF_HUB_OFFLINE is set, so nothing is "
                               "downloaded: pass a directory, or download it once online")
-    from gptfast.data import download
+    from gptfast.files import download
     from gptfast.errors import DataError
 
     snapshot = repo / "snapshots" / "main"

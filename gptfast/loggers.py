@@ -13,7 +13,8 @@ import math
 import secrets
 from pathlib import Path
 
-from gptfast.config import Config, LogConfig, to_toml
+from gptfast.config import Config, LogConfig
+from gptfast.configfile import to_toml
 from gptfast.errors import ConfigError
 from gptfast.rundir import RunDir
 

@@ -23,7 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptfast.config import RECOMPUTE_POLICIES, Config, ModelConfig, RecomputeConfig, parse_bytes
 from gptfast.errors import ConfigError
-from gptfast.model import LOSS_CHUNK_BYTES
 
 # Relative cost of a training step under each policy (forward = 1/3 of forward + backward):
 # "full" recomputes every recomputed block's forward; "selective" only its cheap elementwise ops.
@@ -239,7 +238,7 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     }
     if fused_ce:
         # one chunk of logits (in place, also its gradient), grad_hidden, fp32 grad_weight
-        chunk = min(tokens * vocab * act_bytes, LOSS_CHUNK_BYTES)
+        chunk = min(tokens * vocab * act_bytes, cfg.kernels.loss_chunk_mib * 2**20)
         parts["loss"] = chunk + tokens * m.n_embd * act_bytes + vocab * m.n_embd * 4
     else:
         # The peak is in the log-softmax's backward: three fp32 (tokens, V_pad) tensors at once (the

@@ -33,10 +33,6 @@ SAVED_OPS = frozenset(getattr(aten, name).default for name in (
 ) if hasattr(aten, name))
 
 
-# Memory for one chunk of logits in the fused linear + cross-entropy loss when a run is planned into
-# a memory budget: the loss never holds more of the (tokens, vocab) logits than this (the memory
-# planner counts it). Unplanned, the kernel takes half the free memory: one chunk when it fits.
-LOSS_CHUNK_BYTES = 256 * 2**20
 # RMSNorm's epsilon (on the stream and on queries and keys); LayerNorm keeps torch's 1e-5.
 RMS_NORM_EPS = 1e-6
 
@@ -57,17 +53,6 @@ def call_block(recompute: str, fn, *args):
         context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
         return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
     return checkpoint(fn, *args, use_reentrant=False)
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why gptfast's Triton kernels cannot run on `device`, or None when they can."""
-    try:
-        import kernels
-    except ImportError as e:  # triton is a Linux-only dependency
-        return f"Triton is not importable ({e})"
-    if not kernels.triton_supports(device):
-        return "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on the CPU"
-    return None
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -187,8 +172,8 @@ class MaskColumns(torch.autograd.Function):
 
 class GPT(nn.Module):
     """GPT-2, or the modern variant (ModelConfig.arch). `kernel_cfg` picks gptfast's Triton ops
-    over PyTorch's where they can run (CUDA, or the CPU under TRITON_INTERPRET=1); elsewhere the
-    model uses PyTorch ops, so it runs anywhere. `recompute_cfg` recomputes blocks in backward
+    over PyTorch's, as plain settings: whether they can run on the device is decided once, before
+    the model is built (`gptfast.resolve.available_kernels`). `recompute_cfg` recomputes blocks in backward
     (all of a block under "full", its cheap ops under "selective") instead of keeping their
     activations (torch's activation checkpointing); gradients are unchanged."""
 
@@ -198,7 +183,6 @@ class GPT(nn.Module):
         self.config = cfg
         self.kernel_cfg = kernel_cfg or KernelsConfig()
         self.recompute_cfg = recompute_cfg or RecomputeConfig()
-        self.loss_chunk_bytes: int | None = None  # the fused loss's chunk budget; None: from free memory
         self._block_call = call_block  # compiled by compile_blocks
         modules = dict(wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd))
         if not cfg.rotary:
@@ -280,7 +264,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         x, rope = self._embed(idx)
         x = self.transformer.drop(x)  # (B, T, C)
-        if self.kernel_cfg.layernorm and triton_unavailable_reason(x.device) is None:
+        if self.kernel_cfg.layernorm:
             return self._blocks_with_fused_norm(x, rope)
         for i, block in enumerate(self.transformer.h):
             x = self._run_block(i, block, x, None, 0, rope)
@@ -358,7 +342,7 @@ class GPT(nn.Module):
         """Token ids (B, T) -> the mean cross-entropy loss against `targets` (B, T) when given,
         else logits over the real vocabulary (B, T, vocab_size)."""
         hidden = self.hidden_states(idx)  # (B, T, C)
-        if targets is not None and self.kernel_cfg.cross_entropy and triton_unavailable_reason(idx.device) is None:
+        if targets is not None and self.kernel_cfg.cross_entropy:
             return self._fused_loss(hidden, targets)
         if targets is None:
             return self._head(hidden)[..., : self.config.vocab_size]  # (B, T, V), a view
@@ -384,8 +368,8 @@ class GPT(nn.Module):
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight,
                                             targets.reshape(-1), n_classes=self.config.vocab_size,
-                                            compute_dtype=compute_dtype, chunk_bytes=self.loss_chunk_bytes,
-                                            softcap=self.config.logit_softcap)
+                                            compute_dtype=compute_dtype, softcap=self.config.logit_softcap,
+                                            chunk_bytes=self.kernel_cfg.loss_chunk_mib * 2**20)
 
     def _logits_with_cache(self, idx: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which sits at positions start.."""

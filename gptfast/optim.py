@@ -1,5 +1,6 @@
-"""Optimizer glue: AdamW with decay on 2-D weights only (or Muon + AdamW, gptfast/muon.py), and the
-learning-rate schedules."""
+"""Optimizers as the training loop drives them: AdamW with decay on 2-D weights only (or Muon +
+AdamW, gptfast/muon.py), the learning-rate schedules, and `ScheduledOptimizer`, which gives every
+optimizer one interface for the schedule, float16 loss scaling, clip-and-norm and a skipped step."""
 
 from __future__ import annotations
 
@@ -80,6 +81,79 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """AdamW's learning rate at optimizer step `step` (0-based): the peak lr times lr_factor."""
     return cfg.lr * lr_factor(step, cfg, max_steps)
+
+
+class ScheduledOptimizer:
+    """An optimizer as the training loop uses it, the same for every optimizer this module builds.
+
+    `set_lr(step)` sets each group's rate from its own `peak_lr` and the schedule; `backward(loss)`
+    goes through the loss scaler under float16; `clip_and_norm()` returns the global gradient norm
+    as a device tensor, clipped to optim.grad_clip (FusedAdamW clips inside its own step, reusing
+    that norm; every other optimizer through clip_grad_norm_; with grad_clip 0 the norm is only
+    measured); then either `step()` applies the update or `skip()` leaves parameters and state
+    untouched. `state_dict()` holds the inner optimizer's and the scaler's state; loading it keeps
+    the peaks of this run's config, never the file's."""
+
+    def __init__(self, inner, params: list[torch.Tensor], cfg: OptimConfig, max_steps: int,
+                 scaler: torch.amp.GradScaler | None = None):
+        self.inner, self.params, self.cfg, self.max_steps, self.scaler = inner, params, cfg, max_steps, scaler
+        self._fused_clip = isinstance(inner, FusedAdamW)  # FusedAdamW clips inside its step
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def set_lr(self, step: int) -> None:
+        factor = lr_factor(step, self.cfg, self.max_steps)
+        for group in self.inner.param_groups:  # each group's own peak (AdamW's lr, Muon's muon_lr)
+            group["lr"] = group["peak_lr"] * factor
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_and_norm(self) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.inner)
+        if self._fused_clip:
+            return self.inner.compute_grad_norm()
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.inner)  # skipped when the fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.inner.step()
+
+    def skip(self) -> None:
+        """The gradients are not stepped on (the health guard found the step unhealthy)."""
+        if self._fused_clip:
+            self.inner.discard_grad_norm()
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.inner.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        peaks = [group["peak_lr"] for group in self.inner.param_groups]  # from this config, not the file
+        self.inner.load_state_dict(state["optimizer"])
+        for group, peak in zip(self.inner.param_groups, peaks, strict=True):
+            group["peak_lr"] = peak
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_scheduled_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int, device: torch.device,
+                              triton_adamw: bool, float16: bool) -> ScheduledOptimizer:
+    """build_optimizer's optimizer behind ScheduledOptimizer, with a loss scaler under float16."""
+    scaler = torch.amp.GradScaler("cuda") if float16 else None
+    return ScheduledOptimizer(build_optimizer(model, cfg, device, triton_adamw), list(model.parameters()), cfg,
+                              max_steps, scaler)
 
 
 class FusedAdamW(torch.optim.Optimizer):

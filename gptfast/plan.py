@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptfast.config import load_config
+from gptfast.configfile import load_config
 from gptfast.errors import run_cli
 
 

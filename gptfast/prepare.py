@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptfast.config import DECODE_ERRORS, RECIPES
+from gptfast.datasets import DECODE_ERRORS, RECIPES
 from gptfast.errors import run_cli
 
 
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="prepare again even when the dataset was already prepared from the same inputs")
     args = parser.parse_args(argv)
-    from gptfast.data import FINEWEB10B_TRAIN_SHARDS, prepare_fineweb10b, prepare_recipe  # after parsing: no torch for --help
+    from gptfast.datasets import prepare_recipe  # after parsing: no torch for --help
+    from gptfast.fineweb import FINEWEB10B_TRAIN_SHARDS, prepare_fineweb10b
 
     if args.recipe == "fineweb10b":
         return run_cli(lambda: prepare_fineweb10b(args.data_dir, args.shards or FINEWEB10B_TRAIN_SHARDS,

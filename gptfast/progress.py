@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from gptfast.metrics import format_duration
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Progress:
@@ -77,3 +80,28 @@ def cpu_matmul_flops(seconds: float = 0.05) -> float:
         a @ b
         calls += 1
     return 2 * n**3 * calls / (time.perf_counter() - start)
+
+
+def projection(flops_per_token: float, steps: int, tokens: int, device: torch.device,
+               peak_flops: float | None) -> str | None:
+    """Before the first step: the run's projected wall time as a line, an estimate from the model's
+    FLOPs and the device's throughput (an assumed 40% of a GPU's bf16 peak; a measured matmul rate
+    on the CPU), prefixed "warning: " beyond a day on a CPU or a month on a GPU. None where there is
+    no basis (a GPU missing from the peak table, another device type)."""
+    if device.type == "cuda":
+        if peak_flops is None:
+            return None
+        rate, basis, limit = 0.4 * peak_flops, "40% of the GPU's bf16 peak", 30 * 86400
+    elif device.type == "cpu":
+        # threads share the probe's matmul rate; a step's small ops run well below it
+        rate, basis, limit = 0.5 * cpu_matmul_flops(), "half this CPU's measured matmul rate", 86400
+    else:
+        return None
+    seconds = projected_seconds(flops_per_token, tokens, rate)
+    line = (f"projected: ~{format_duration(seconds)} for {steps:,} steps ({tokens:,} tokens) on {device.type} "
+            f"(an estimate at {basis}; the first step's time is the measured one)")
+    if seconds <= limit:
+        return line
+    hint = ("this config is meant for a GPU: on the CPU try configs/cpu_smoke.toml, or fewer steps with "
+            "--train.max_steps=N" if device.type == "cpu" else "fewer steps with --train.max_steps=N")
+    return f"warning: {line}; {hint}"

@@ -1,4 +1,10 @@
-"""The config a run trains with, resolved before anything is built or written."""
+"""The config a run trains with, resolved once, before anything is built or written.
+
+Everything decided from the device and the environment is decided here: init_from's architecture,
+the memory plan, which of the Triton kernels can run. The result is written into the run's
+`config.toml` and every checkpoint, and the model, the optimizer and the planner read it as plain
+settings: nothing downstream asks the device again.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,43 @@ from typing import Callable
 
 import torch
 
-from gptfast.config import Config
+from gptfast.config import Config, KernelsConfig
 from gptfast.device import device_name, memory_capacity_bytes
 from gptfast.errors import ConfigError
-from gptfast.model import triton_unavailable_reason
+
+TRITON_OPS = ("layernorm", "cross_entropy", "adamw")
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why gptfast's Triton kernels cannot run on `device`, or None when they can."""
+    try:
+        import kernels
+    except ImportError as e:  # triton is a Linux-only dependency
+        return f"Triton is not importable ({e})"
+    if not kernels.triton_supports(device):
+        return "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on the CPU"
+    return None
+
+
+def available_kernels(cfg: KernelsConfig, device: torch.device, log: Callable[[str], None]) -> KernelsConfig:
+    """`cfg` with every Triton op that cannot run on `device` switched off, said once in the log:
+    a run (or a sampler of its checkpoint) on a machine without Triton uses PyTorch's ops."""
+    wanted = [name for name in TRITON_OPS if getattr(cfg, name)]
+    reason = triton_unavailable_reason(device) if wanted else None
+    if reason:
+        log(f"kernels {', '.join(wanted)}: {reason}; this {device.type} run uses PyTorch's ops")
+        return dataclasses.replace(cfg, **{name: False for name in wanted})
+    if wanted:
+        log(f"Triton kernels: {', '.join(wanted)}")
+    return cfg
 
 
 def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None,
                    log: Callable[[str], None]) -> Config:
-    """The config the run trains with: the architecture of train.init_from, the micro-batch and
-    recomputation of train.memory_budget's plan. Raises ConfigError when the result cannot fit
-    the device at all (before anything is allocated or written)."""
+    """The config the run trains with: the architecture of train.init_from, the Triton kernels
+    this device runs, the micro-batch and recomputation of train.memory_budget's plan. Raises
+    ConfigError when the result cannot fit the device at all (before anything is allocated or
+    written)."""
     from gptfast import memory
 
     t = cfg.train
@@ -30,15 +62,14 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
         if str(folder) != t.init_from:
             log(f"init_from {t.init_from!r}: {folder}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(folder)))
+    cfg = dataclasses.replace(cfg, kernels=available_kernels(cfg.kernels, device, log))
     act_bytes = 2 if amp_dtype is not None else 4
     if t.memory_budget:
         chosen = memory.plan(cfg, memory.budget_bytes(t.memory_budget, "train.memory_budget"), act_bytes)
         memory.format_plan(chosen, log)
         cfg = memory.apply_plan(cfg, chosen.choice)
-    triton_ok = triton_unavailable_reason(device) is None
     need = memory.predict_peak(cfg, cfg.train.micro_batch_size, cfg.recompute.policy, cfg.recompute.every,
-                               act_bytes, cfg.kernels.cross_entropy and triton_ok,
-                               cfg.kernels.adamw and triton_ok).peak_bytes
+                               act_bytes).peak_bytes
     capacity = memory_capacity_bytes(device)
     if need > capacity:
         raise ConfigError(

@@ -4,28 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 
 from gptfast.errors import run_cli
-
-if typing.TYPE_CHECKING:
-    import torch
-
-    from gptfast.model import GPT
-
-
-def load_model(path: str, device: torch.device) -> tuple[GPT, dict]:
-    """The model of a checkpoint file, or of the newest checkpoint in a run directory."""
-    from gptfast.checkpoint import load_checkpoint
-    from gptfast.config import config_from_dict
-    from gptfast.model import GPT
-
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"], f"{state['path']} (config)")
-    model = GPT(cfg.model, cfg.kernels)  # no recomputation: sampling never runs backward
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptfast.sample", description=__doc__)
@@ -53,19 +33,20 @@ def main(argv: list[str] | None = None) -> int:
 def print_samples(args: argparse.Namespace) -> None:
     import torch
 
-    from gptfast.data import get_tokenizer
-    from gptfast.device import AUTOCAST_DTYPES, resolve_device
+    from gptfast.device import resolve_device
+    from gptfast.inference import autocast, load_model
+    from gptfast.tokenizer import get_tokenizer
 
     device = resolve_device(args.device)
-    model, state = load_model(args.checkpoint, device)
+    model, state, dtype = load_model(args.checkpoint, device)
+    print(f"checkpoint: {state['path']} (step {state['step']})", file=sys.stderr)
     enc = get_tokenizer()
     prompt = enc.encode_ordinary(args.prompt) if args.prompt else [enc.eot_token]
     prompt = prompt[-model.config.block_size:]  # a long prompt keeps its end
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], device=device)
-    dtype = AUTOCAST_DTYPES.get(state["config"]["train"]["dtype"]) if device.type == "cuda" else None
     for i in range(args.num_samples):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                                  generator=generator)
         if args.num_samples > 1:

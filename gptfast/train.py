@@ -13,7 +13,7 @@ import signal
 import sys
 import typing
 
-from gptfast.config import describe_keys, load_config
+from gptfast.configfile import describe_keys, load_config
 from gptfast.errors import run_cli
 
 if typing.TYPE_CHECKING:

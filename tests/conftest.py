@@ -14,14 +14,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One torch thread per test process unless GPTFAST_TEST_THREADS says otherwise: the suite's models are
+# tiny, and on a shared 2-core machine two threads fighting made a toy step ~40x slower than one.
+torch.set_num_threads(int(os.environ.get("GPTFAST_TEST_THREADS", "1")))
+
 # The GPT-2 BPE files ship beside the checkout for offline machines; an online user's tiktoken
 # downloads them as usual, so this only fills in a variable the environment left unset.
 _SHARED_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_CACHE.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_CACHE)
 
-from gptfast.config import load_config  # noqa: E402
-from gptfast.data import prepare_recipe  # noqa: E402
+from gptfast.configfile import load_config  # noqa: E402
+from gptfast.datasets import prepare_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,11 +38,34 @@ def small_corpus_files() -> list[str]:
     return files
 
 
+# A vocabulary for tests where GPT-2's is not the point: the interpreted kernels walk every row of
+# the (tokens, vocabulary) logits, so 50257 classes make a kernels-on run ~100x slower.
+SMALL_VOCAB = 500
+# Overrides that train on the 'small500' dataset at that vocabulary, with fewer rows per micro-batch
+# (2 x 16 tokens): the interpreter runs a kernel's programs one after another, a program per row.
+KERNEL_TEST_OVERRIDES = {"model.vocab_size": SMALL_VOCAB, "data.dataset": '"small500"',
+                         "train.micro_batch_size": 2, "model.block_size": 16}
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """A prepared dataset 'small' (about 250k tokens) under a session-wide data folder."""
+    """A prepared dataset 'small' (about 250k tokens) under a session-wide data folder, and
+    'small500', the same tokens folded into SMALL_VOCAB ids (id % SMALL_VOCAB)."""
+    import json
+
+    import numpy as np
+
     root = tmp_path_factory.mktemp("data")
-    prepare_recipe("text", root, name="small", inputs=small_corpus_files(), val_fraction=0.1, log=lambda _: None)
+    small = prepare_recipe("text", root, name="small", inputs=small_corpus_files(), val_fraction=0.1,
+                           log=lambda _: None)
+    folded = root / "small500"
+    folded.mkdir()
+    counts = {}
+    for split in ("train", "val"):
+        tokens = np.fromfile(small / f"{split}.bin", dtype="<u2") % SMALL_VOCAB
+        tokens.astype("<u2").tofile(folded / f"{split}.bin")
+        counts[f"{split}_tokens"] = len(tokens)
+    (folded / "meta.json").write_text(json.dumps({"name": "small500", "dtype": "uint16", **counts}))
     return root
 
 

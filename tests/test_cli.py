@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from gptfast.config import SECTION_TYPES
+from gptfast.configfile import SECTION_TYPES
 
 CLIS = ["train", "sample", "export", "prepare", "plan", "plot", "eval"]
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from gptfast.config import Config, config_from_dict, load_config, parse_override, to_toml
+from gptfast.config import Config
+from gptfast.configfile import config_from_dict, load_config, parse_override, to_toml
 from gptfast.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,9 @@ import torch
 
 from conftest import small_corpus_files
 from gptfast.config import DataConfig
-from gptfast.data import TokenLoader, ensure_prepared, get_tokenizer, prepare_recipe
+from gptfast.datasets import ensure_prepared, prepare_recipe
+from gptfast.loader import TokenLoader
+from gptfast.tokenizer import get_tokenizer
 from gptfast.errors import DataError
 
 
@@ -186,7 +188,7 @@ def test_a_malformed_meta_json_is_refused(data_dir, tmp_path, meta, needle):
 
 
 def test_preparing_again_from_the_same_inputs_is_a_no_op(tmp_path):
-    from gptfast.data import prepare_recipe
+    from gptfast.datasets import prepare_recipe
 
     src = tmp_path / "a.txt"
     src.write_text("hello world, " * 400)
@@ -207,7 +209,8 @@ def test_preparing_again_from_the_same_inputs_is_a_no_op(tmp_path):
 def test_a_dataset_in_use_is_not_overwritten(tmp_path, capsys):
     import torch
 
-    from gptfast.data import TokenLoader, prepare_recipe
+    from gptfast.datasets import prepare_recipe
+    from gptfast.loader import TokenLoader
     from gptfast.prepare import main
 
     src = tmp_path / "a.txt"

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import tiny_overrides  # noqa: E402
-from gptfast.config import SECTION_TYPES, _toml_value, load_config  # noqa: E402
+from gptfast.config import _toml_value  # noqa: E402
+from gptfast.configfile import SECTION_TYPES, load_config  # noqa: E402
 from gptfast.errors import ConfigError, GptfastError  # noqa: E402
 from gptfast.trainer import Trainer  # noqa: E402
 

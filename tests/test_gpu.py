@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from gptfast.config import load_config
+from gptfast.configfile import load_config
 from gptfast.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

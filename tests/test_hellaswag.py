@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import hellaswag
-from gptfast.data import get_tokenizer
+from gptfast.tokenizer import get_tokenizer
 from gptfast.errors import DataError
 from gptfast.eval import main as eval_main
 from gptfast.trainer import Trainer
@@ -80,9 +80,9 @@ def test_scores_match_transformers_on_the_exported_weights(trained_run, fixture_
     acc_norm = sum(min(range(4), key=lambda j: s[j][1]) == item.label for s, item in zip(scores, items, strict=True))
     assert ours["acc"] == acc / len(items) and ours["acc_norm"] == acc_norm / len(items)
     # the same predictions, item by item, from the exported directory through gptfast.eval too
-    from gptfast.eval import load_any
+    from gptfast.inference import load_any
 
-    model, _ = load_any(str(tmp_path / "exported"), torch.device("cpu"))
+    model, _, _ = load_any(str(tmp_path / "exported"), torch.device("cpu"))
     result = hellaswag.evaluate(model, items, get_tokenizer(), model.config.block_size, torch.device("cpu"), 3)
     assert result["predictions"] == [min(range(4), key=lambda j: s[j][1]) for s in scores]
 

@@ -96,7 +96,7 @@ def test_summary_ends_every_run(tiny_config, tmp_path):
     assert lines[-1].startswith("summary: step 6 (6 this session)") and "best" in lines[-1]
     # resumed further: the best val loss and the training time carry over
     resumed = Trainer(tiny_config({"train.max_steps": 9}), log=quiet)
-    assert resumed.best_val_loss == min(vals) and resumed.train_seconds == pytest.approx(summary["train_seconds"])
+    assert resumed.state.best_val_loss == min(vals) and resumed.state.train_seconds == pytest.approx(summary["train_seconds"])
     again = resumed.run().summary
     assert again["steps_this_session"] == 3 and again["train_seconds"] > summary["train_seconds"]
 
@@ -146,14 +146,14 @@ def test_a_long_step_shows_progress(tiny_config):
 
 
 def test_a_run_that_would_take_days_warns_before_it_starts(tiny_config, tmp_path, monkeypatch):
-    import gptfast.trainer as trainer_module
+    import gptfast.progress as progress_module
 
     lines = []
     Trainer(tiny_config({"train.max_steps": 2}, out_dir=tmp_path / "real"), log=lines.append).run()
     assert [line for line in lines if line.startswith("projected: ~0m")]  # this CPU: seconds
     lines.clear()
     trainer = Trainer(tiny_config({"train.max_steps": 1}), log=lines.append)
-    monkeypatch.setattr(trainer_module, "cpu_matmul_flops", lambda: 1e3)  # a CPU of 1 kFLOP/s: the tiny run projects to weeks
+    monkeypatch.setattr(progress_module, "cpu_matmul_flops", lambda: 1e3)  # a CPU of 1 kFLOP/s: the tiny run projects to weeks
     trainer.run()
     first = next(i for i, line in enumerate(lines) if line.startswith("step 1/1 |"))
     warnings = [line for line in lines[:first] if line.startswith("warning: projected")]

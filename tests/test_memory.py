@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from gptfast.config import RECOMPUTE_POLICIES, Config, KernelsConfig, ModelConfig, RecomputeConfig, load_config
+from gptfast.config import RECOMPUTE_POLICIES, Config, KernelsConfig, ModelConfig, RecomputeConfig
+from gptfast.configfile import load_config
 from gptfast.errors import ConfigError
 from gptfast.memory import activation_bytes_per_token, budget_bytes, measure_peak_bytes, measure_saved_bytes, plan, predict_peak
 from gptfast.model import GPT

@@ -114,7 +114,7 @@ def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
     before = {}
 
     def snapshot():
-        return [p.detach().clone() for p in trainer.model.parameters()], copy_state(trainer.optimizer)
+        return [p.detach().clone() for p in trainer.model.parameters()], copy_state(trainer.optimizer.inner)
 
     real_step = trainer.train_step
 
@@ -124,7 +124,7 @@ def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
         if not out[2].healthy:
             for a, b in zip(params, trainer.model.parameters(), strict=True):
                 assert torch.equal(a, b)  # a skipped step changes no parameter...
-            assert copy_state(trainer.optimizer) == state  # ...and no optimizer state
+            assert copy_state(trainer.optimizer.inner) == state  # ...and no optimizer state
             before[trainer.step] = True
         return out
 

@@ -71,7 +71,7 @@ def test_a_killed_trainer_leaves_no_lock(tmp_path, data_dir):
 
 
 def load(data_dir, out, extra):
-    from gptfast.config import load_config
+    from gptfast.configfile import load_config
 
     return load_config(None, tiny_overrides(data_dir, out, extra))
 
@@ -139,7 +139,6 @@ def test_an_exploding_run_keeps_its_last_healthy_checkpoint(data_dir, tmp_path, 
     listed = [(ckpt.checkpoint_step(p), ckpt.is_healthy(p)) for p in ckpt.list_checkpoints(out)]
     assert listed[0] == (3, True) and all(not ok for _, ok in listed[1:]) and len(listed) >= 2
     exploded = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), log=quiet)
-    assert exploded["healthy"] is False
     assert max(v.abs().max().item() for v in exploded["model"].values()) > 1e20  # the weights did explode
     # The same command at a sane lr resumes from step 3, not from the exploded weights.
     code, stdout, err = cli(argv_for(data_dir, out, **base, **{"train.max_steps": 6}), capsys)

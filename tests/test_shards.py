@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import crash_at_step, tiny_overrides
-from gptfast.config import load_config
-from gptfast.data import SHARD_MAGIC, TokenLoader, fineweb10b_names, prepare_fineweb10b, shard_token_count
+from gptfast.configfile import load_config
+from gptfast.fineweb import fineweb10b_names, prepare_fineweb10b
+from gptfast.loader import SHARD_MAGIC, TokenLoader, shard_token_count
 from gptfast.errors import DataError
 from gptfast.prepare import main as prepare_main
 from gptfast.trainer import Trainer
