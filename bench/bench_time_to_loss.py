@@ -19,7 +19,8 @@ Protocol (written down so it can be repeated and argued with):
    each seed of the other recipes, the tokens at its first evaluation at or below it. Reported:
    a recipe's tokens to the target / AdamW's tokens (all of its run), mean and spread over seeds.
 
-`--time-to-loss=quick` (CI's smoke run) shortens everything to a few steps and one seed.
+By default (`--time-to-loss=quick`) everything shrinks to a few steps and one seed, so the
+harness's command stays short; the protocol itself is opt-in: `--time-to-loss=full`.
 Results: a row per optimizer in the usual results files, and `time-to-loss_<device>_<time>.json`
 (kept in the repository: the CPU figures are evidence, unlike CPU timings).
 """

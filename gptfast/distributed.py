@@ -15,11 +15,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gptfast.config import TrainConfig
-from gptfast.device import DistInfo, join_process_group
+from gptfast.device import DistInfo, cpu_threads, join_process_group, resolve_device
 from gptfast.errors import ConfigError
 
 # Each rank's dropout stream is the run's seed offset by rank x this prime.
 RANK_SEED_STRIDE = 1_000_003
+
+
+def place_process(t: TrainConfig, info: DistInfo, log) -> torch.device:
+    """This process's device: train.device resolved, CPU threads shared among this machine's
+    processes, and its place in the torchrun job joined."""
+    device = resolve_device(t.device)
+    if device.type == "cpu" and t.dtype != "float32":
+        log(f"device cpu: training in float32 (train.dtype = {t.dtype} applies on CUDA)")
+    if device.type == "cpu" and cpu_threads(info) != torch.get_num_threads():
+        torch.set_num_threads(cpu_threads(info))
+        log(f"device cpu: {torch.get_num_threads()} threads per process")
+    return join(device, info, t.grad_accum_steps, log)
 
 
 def join(device: torch.device, info: DistInfo, grad_accum_steps: int, log) -> torch.device:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptfast.errors import TrainingDiverged
+
 # The spike reference: the mean loss of this many recent healthy steps, once at least
 # SPIKE_MIN_HISTORY of them exist (the first steps of a run have nothing to compare with).
 SPIKE_WINDOW = 10
@@ -125,6 +127,19 @@ class HealthMonitor:
         if not verdict.healthy:
             self.guard.record(verdict, float("nan"))
         return verdict
+
+    def stop_if_diverged(self, max_bad_steps: int, step: int, newest_healthy) -> None:
+        """TrainingDiverged after max_bad_steps unhealthy steps in a row, naming the checkpoint to
+        resume from (newest_healthy(): the newest healthy one, or None)."""
+        if self.guard.bad_in_a_row < max_bad_steps:
+            return
+        last = newest_healthy()
+        raise TrainingDiverged(
+            f"{self.guard.bad_in_a_row} optimizer steps in a row (up to step {step}) were unhealthy "
+            f"(train.max_bad_steps = {max_bad_steps}); the run stopped. "
+            + (f"The newest healthy checkpoint is {last}; rerunning the same command resumes from it "
+               "(lower optim.lr or raise optim.warmup_steps first)." if last else
+               "No healthy checkpoint was written; start over with a lower optim.lr."))
 
     def state_dict(self) -> dict:
         return self.guard.state_dict()

@@ -137,3 +137,32 @@ def evaluate(logits_fn, items: Iterable[Item], enc, block_size: int, device: tor
     progress.close()
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "items": len(items),
             "predictions": predictions}
+
+
+@torch.no_grad()
+def evaluate_model(model, autocast_context: Callable, items: list[Item], device: torch.device,
+                   log: Callable[[str], None], progress_seconds: float) -> dict:
+    """`evaluate` on a training model, as the trainer runs it between steps: in eval mode, under
+    the run's autocast, and with its blocks uncompiled (items vary in length: no recompilation)."""
+    from gptfast.tokenizer import get_tokenizer
+
+    model.eval()
+
+    def logits(ids):
+        with autocast_context(), model.uncompiled():
+            return model(ids)
+
+    try:
+        return evaluate(logits, items, get_tokenizer(), model.config.block_size, device, log=log,
+                        progress_seconds=progress_seconds)
+    finally:
+        model.train()
+
+
+def hellaswag_items(cfg, log: Callable[[str], None]) -> list[Item] | None:
+    """The items a run evaluates during training (cfg: its [eval] section), or None when it
+    evaluates none: read, or downloaded, before anything else is touched, so a missing offline
+    file is one error at the start."""
+    if not cfg.hellaswag_interval:
+        return None
+    return read_items(data_file("val", cfg.hellaswag_input or None, log), cfg.hellaswag_limit or None)

@@ -91,6 +91,21 @@ class RunMetrics:
         self.log(format_step(record, self.cfg.train.max_steps))
         return record
 
+    def skipped(self, step: int, loss: float, grad_norm: float, reason: str, in_a_row: int, skipped: int) -> None:
+        self._record({"step": step, "skipped": True, "loss": finite_or_none(loss),
+                      "grad_norm": finite_or_none(grad_norm), "reason": reason})
+        self.log(f"step {step} | {reason}: update skipped ({in_a_row} in a row, {skipped} in this run)")
+
+    def unhealthy(self, step: int, reason: str, in_a_row: int) -> None:
+        self._record({"step": step, "unhealthy": reason})
+        self.log(f"step {step} | unhealthy: {reason} ({in_a_row} in a row)")
+
+    def hellaswag(self, step: int, result: dict) -> None:
+        self._record({"step": step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"],
+                      "hellaswag_items": result["items"], "tokens": step * self.cfg.tokens_per_step})
+        self.log(f"step {step} | hellaswag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+                 f"{result['items']} items)")
+
     def evaluation(self, step: int, val_loss: float, train_seconds: float) -> None:
         self._record({"step": step, "val_loss": finite_or_none(val_loss),
                       "tokens": step * self.cfg.tokens_per_step, "elapsed_seconds": train_seconds})

@@ -24,14 +24,14 @@ from gptfast.checkpointer import Checkpointer, TrainState
 from gptfast.config import Config
 from gptfast.configfile import to_toml
 from gptfast.datasets import dataset_dir, ensure_prepared
-from gptfast.device import DistInfo, autocast_dtype, cpu_threads, device_name, resolve_device
-from gptfast.errors import TrainingDiverged
+from gptfast.device import DistInfo, autocast_dtype, device_name
 from gptfast.hardware import peak_bf16_flops
 from gptfast.health import HealthGuard, HealthMonitor, Verdict
+from gptfast.hellaswag import evaluate_model, hellaswag_items
 from gptfast.inference import autocast
 from gptfast.loader import TokenLoader
 from gptfast.loggers import Loggers, check_backends
-from gptfast.metrics import RunMetrics, finite_or_none
+from gptfast.metrics import RunMetrics
 from gptfast.model import GPT
 from gptfast.optim import build_scheduled_optimizer, lr_at
 from gptfast.progress import Progress, projection
@@ -61,11 +61,11 @@ class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.dist = DistInfo.from_env()
         self.log = log if self.dist.main else _silent  # one voice: rank 0 logs, evaluates, writes
-        self.device = self._place_process(cfg)
+        self.device = distributed.place_process(cfg.train, self.dist, self.log)
         self.amp_dtype = autocast_dtype(self.device, cfg.train.dtype)
         self.cfg = resolve_config(cfg, self.device, self.amp_dtype, self.log)
         check_backends(self.cfg.log)
-        self.hellaswag_items = self._hellaswag_items()
+        self.hellaswag_items = hellaswag_items(self.cfg.eval, self.log) if self.dist.main else None
         self.loader = self._open_data()
         self.run_dir = self._claim_run_dir()
         self._build()
@@ -74,26 +74,6 @@ class Trainer:
         self.train_model, self.eval_model = distributed.wrap(self.model, self.cfg.train, self.dist, self.device)
 
     # -- construction, in the order __init__ runs it ---------------------------------------------
-
-    def _place_process(self, cfg: Config) -> torch.device:
-        device = resolve_device(cfg.train.device)
-        if device.type == "cpu" and cfg.train.dtype != "float32":
-            self.log(f"device cpu: training in float32 (train.dtype = {cfg.train.dtype} applies on CUDA)")
-        if device.type == "cpu" and cpu_threads(self.dist) != torch.get_num_threads():
-            torch.set_num_threads(cpu_threads(self.dist))
-            self.log(f"device cpu: {torch.get_num_threads()} threads per process")
-        return distributed.join(device, self.dist, cfg.train.grad_accum_steps, self.log)
-
-    def _hellaswag_items(self) -> list | None:
-        """The HellaSwag items evaluated during training, read (or downloaded) before anything else
-        is touched, so a missing offline file is one error at the start."""
-        e = self.cfg.eval
-        if not e.hellaswag_interval or not self.dist.main:
-            return None
-        from gptfast import hellaswag
-
-        return hellaswag.read_items(hellaswag.data_file("val", e.hellaswag_input or None, self.log),
-                                    e.hellaswag_limit or None)
 
     def _open_data(self) -> TokenLoader:
         """Rank 0 prepares a missing dataset while the others wait; then every rank checks it."""
@@ -136,7 +116,9 @@ class Trainer:
 
     def _start_or_resume(self) -> None:
         t = self.cfg.train
-        if not (t.resume and self.checkpointer.restore()) and self.dist.main:
+        if t.resume:
+            self.checkpointer.restore()  # the newest healthy checkpoint, if there is one
+        elif self.dist.main:
             self.run_dir.set_aside_previous_run()
         if t.init_from and self.step == 0:
             from gptfast import hf
@@ -231,14 +213,16 @@ class Trainer:
             self.state.train_seconds += time.perf_counter() - step_start
             done = self.step == t.max_steps
             if not verdict.healthy:
-                self._skipped_step(loss, grad_norm, verdict)
+                self.skipped_steps += 1
+                self.metrics.skipped(self.step, loss.item(), grad_norm.item(), verdict.reason,
+                                     self.health.bad_in_a_row, self.skipped_steps)
             if self.metrics.due(self.step, done):  # the step has synced already: these reads are free
                 self.metrics.step(self.step, loss.item(), grad_norm.item(), lr_at(self.step - 1, self.cfg.optim,
                                   t.max_steps), self.skipped_steps, self.state.train_seconds)
             reached = self._evaluate_if_due(done)
             if self.step % t.checkpoint_interval == 0 or done or reached or self.stop_requested:
                 checkpoint = self.save() if self.dist.main else checkpoint
-            self._stop_if_diverged()
+            self.health.stop_if_diverged(self.cfg.train.max_bad_steps, self.step, self.checkpointer.newest_healthy)
             if reached or (self.stop_requested and not done):
                 break
         return self._finish(checkpoint, stopped=self.stop_requested and self.step < t.max_steps and not reached)
@@ -269,7 +253,10 @@ class Trainer:
                                                                   self.state.train_seconds, gpus)
         interval = self.cfg.eval.hellaswag_interval
         if interval and (self.step % interval == 0 or done) and self.dist.main:
-            self._evaluate_hellaswag()
+            result = evaluate_model(self.model, lambda: autocast(self.device, self.amp_dtype),
+                                              self.hellaswag_items, self.device, self.log,
+                                              self.cfg.log.progress_seconds)
+            self.metrics.hellaswag(self.step, result)
         if not (t.target_val_loss and evaluated):
             return False
         reached_now = self.target_reached is not None and self.target_reached["step"] == self.step
@@ -294,30 +281,10 @@ class Trainer:
         the last update is judged first, so no checkpoint of unjudged weights is called healthy."""
         verdict = self.health.judge_update()
         if not verdict.healthy:
-            self._record({"step": self.step, "unhealthy": verdict.reason})
-            self.log(f"step {self.step} | unhealthy: {verdict.reason} ({self.health.bad_in_a_row} in a row)")
+            self.metrics.unhealthy(self.step, verdict.reason, self.health.bad_in_a_row)
         path = self.checkpointer.save(self.health.healthy)
         self.log(f"step {self.step} | checkpoint {path}{'' if self.health.healthy else ' (marked unhealthy)'}")
         return path
-
-    def _skipped_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, verdict: Verdict) -> None:
-        self.skipped_steps += 1
-        self._record({"step": self.step, "skipped": True, "loss": finite_or_none(loss.item()),
-                      "grad_norm": finite_or_none(grad_norm.item()), "reason": verdict.reason})
-        self.log(f"step {self.step} | {verdict.reason}: update skipped ({self.health.bad_in_a_row} in a row, "
-                 f"{self.skipped_steps} in this run)")
-
-    def _stop_if_diverged(self) -> None:
-        t = self.cfg.train
-        if self.health.bad_in_a_row < t.max_bad_steps:
-            return
-        last = self.checkpointer.newest_healthy()
-        raise TrainingDiverged(
-            f"{self.health.bad_in_a_row} optimizer steps in a row (up to step {self.step}) were unhealthy "
-            f"(train.max_bad_steps = {t.max_bad_steps}); the run stopped. "
-            + (f"The newest healthy checkpoint is {last}; rerunning the same command resumes from it "
-               "(lower optim.lr or raise optim.warmup_steps first)." if last else
-               "No healthy checkpoint was written; start over with a lower optim.lr."))
 
     # -- evaluation and sampling -----------------------------------------------------------------
 
@@ -348,23 +315,3 @@ class Trainer:
             out = self.model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
         self.model.train()
         return enc.decode(out[0, 1:].tolist())
-
-    @torch.no_grad()
-    def _evaluate_hellaswag(self) -> dict:
-        """HellaSwag on the uncompiled model (items vary in length: no recompilation), logged."""
-        from gptfast import hellaswag
-
-        self.model.eval()
-
-        def logits(ids):
-            with autocast(self.device, self.amp_dtype), self.model.uncompiled():
-                return self.model(ids)
-
-        result = hellaswag.evaluate(logits, self.hellaswag_items, get_tokenizer(), self.cfg.model.block_size,
-                                    self.device, log=self.log, progress_seconds=self.cfg.log.progress_seconds)
-        self.model.train()
-        self._record({"step": self.step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"],
-                      "hellaswag_items": result["items"], "tokens": self.step * self.cfg.tokens_per_step})
-        self.log(f"step {self.step} | hellaswag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
-                 f"{result['items']} items)")
-        return result

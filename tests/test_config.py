@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from gptfast.config import Config
+from gptfast.config import Config, parse_bytes
 from gptfast.configfile import config_from_dict, load_config, parse_override, to_toml
 from gptfast.errors import ConfigError
 
@@ -161,3 +161,15 @@ def test_a_name_with_a_newline_is_still_a_one_line_error(arg):
     with pytest.raises(ConfigError) as raised:
         load_config(None, [arg])
     assert "\n" not in str(raised.value) and "\\n" in str(raised.value)
+
+
+@pytest.mark.parametrize("text, expected", [("12GiB", 12 * 2**30), ("8 GB", 8e9), ("512MiB", 2**29), ("1.5 TiB", 1.5 * 2**40)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("twelve")
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("1024")  # a unit is required: bytes or GiB is not a guess worth making

@@ -49,7 +49,8 @@ def test_golden_trajectory_bf16_compiled(data_dir, tmp_path, arch, optimizer):
 def test_trains_under_a_12_gib_cap_at_the_planners_choice(data_dir, tmp_path, config):
     """A 12 GB card, emulated: the process capped to 12 GiB, every kernel on, the micro-batch and
     recomputation planned into 11 GiB (the README's advice for a 12 GB card), 50 optimizer steps
-    with no out-of-memory error; the planned peak is printed beside the measured one. The
+    with no out-of-memory error, and the planner's predicted peak within 10% of the measured one
+    (a cap of the measured size alone could not fail: the allocator raises before it is passed). The
     accumulation is cut to 16 sequences a step (the peak does not depend on it beyond two
     micro-batches), so the test takes a minute, not hours."""
     from conftest import REPO
@@ -78,4 +79,5 @@ def test_trains_under_a_12_gib_cap_at_the_planners_choice(data_dir, tmp_path, co
     print(f"{config}: micro-batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps}, recompute "
           f"{cfg.recompute.policy}: predicted {predicted / 2**30:.2f} GiB, allocated {measured / 2**30:.2f} GiB, "
           f"reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB")
-    assert result.step == 50 and measured <= cap
+    assert result.step == 50
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)

@@ -57,3 +57,58 @@ def test_a_shorter_run_gets_the_whole_schedule():
 def test_warmup_stable_decay(step, expected):
     cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", cooldown_fraction=0.2)
     assert math.isclose(lr_at(step, cfg, 100), expected, rel_tol=1e-12)
+
+
+def scheduled(lr=1e-3, grad_clip=1.0, triton_adamw=False):
+    from gptfast.optim import build_scheduled_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    cfg = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=2, grad_clip=grad_clip)
+    return model, build_scheduled_optimizer(model, cfg, 10, torch.device("cpu"), triton_adamw, float16=False)
+
+
+def backward(model, opt, scale=1.0):
+    idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    opt.backward(model(idx, idx) * scale)
+
+
+def test_loading_a_checkpoint_keeps_this_runs_peak_rates():
+    model, opt = scheduled(lr=1e-3)
+    backward(model, opt)
+    opt.step()
+    state = opt.state_dict()
+    _, other = scheduled(lr=5e-4)
+    other.load_state_dict(state)
+    assert [g["peak_lr"] for g in other.param_groups] == [5e-4, 5e-4]
+    other.set_lr(5)
+    assert all(g["lr"] == pytest.approx(lr_at(5, other.cfg, 10)) for g in other.param_groups)
+
+
+@pytest.mark.parametrize("triton_adamw", [False, True], ids=["torch", "fused"])
+def test_clip_and_norm_clips_only_when_asked(triton_adamw):
+    for grad_clip in (0.0, 1e-3):
+        model, opt = scheduled(grad_clip=grad_clip, triton_adamw=triton_adamw)
+        backward(model, opt, scale=100.0)
+        before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        norm = opt.clip_and_norm()
+        torch.testing.assert_close(norm, before)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        if grad_clip == 0.0 or triton_adamw:  # FusedAdamW clips inside its step, from this norm
+            torch.testing.assert_close(after, before)
+        else:
+            torch.testing.assert_close(after, torch.tensor(grad_clip), rtol=1e-4, atol=0)
+
+
+def test_a_skipped_step_changes_nothing_and_the_next_norm_is_fresh():
+    model, opt = scheduled(triton_adamw=True)
+    backward(model, opt)
+    opt.clip_and_norm()
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.skip()
+    opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    backward(model, opt, scale=3.0)
+    opt.step()  # its own norm of these gradients, not the skipped step's
+    torch.testing.assert_close(opt.inner.grad_norm, torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters()])))

@@ -1,0 +1,47 @@
+"""The one resolved config (gptfast/resolve.py): kernels decided once, the fit check."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from gptfast import resolve
+from gptfast.config import KernelsConfig
+from gptfast.errors import ConfigError
+
+
+def test_kernels_this_device_cannot_run_are_switched_off_and_said_once(monkeypatch):
+    monkeypatch.setattr(resolve, "triton_unavailable_reason", lambda device: "no Triton here")
+    lines = []
+    wanted = KernelsConfig(layernorm=True, cross_entropy=True, adamw=False, loss_chunk_mib=64)
+    got = resolve.available_kernels(wanted, torch.device("cpu"), lines.append)
+    assert got == dataclasses.replace(wanted, layernorm=False, cross_entropy=False)
+    assert lines == ["kernels layernorm, cross_entropy: no Triton here; this cpu run uses PyTorch's ops"]
+
+
+def test_kernels_that_can_run_are_kept():
+    lines = []
+    wanted = KernelsConfig(layernorm=True, adamw=True)
+    assert resolve.available_kernels(wanted, torch.device("cpu"), lines.append) == wanted  # the interpreter is on
+    assert lines == ["Triton kernels: layernorm, adamw"]
+    lines.clear()
+    assert resolve.available_kernels(KernelsConfig(), torch.device("cpu"), lines.append) == KernelsConfig()
+    assert lines == []
+
+
+def test_the_run_directory_records_the_kernels_that_ran(tiny_config, tmp_path, monkeypatch):
+    from gptfast.configfile import load_config
+    from gptfast.trainer import Trainer
+
+    monkeypatch.setattr(resolve, "triton_unavailable_reason", lambda device: "no Triton here")
+    trainer = Trainer(tiny_config({"kernels.layernorm": True, "train.max_steps": 1}), log=lambda _: None)
+    trainer.close()
+    written = load_config(tmp_path / "run" / "config.toml")
+    assert written.kernels.layernorm is False and trainer.model.kernel_cfg.layernorm is False
+
+
+def test_a_model_that_cannot_fit_the_device_is_refused(tiny_config, monkeypatch):
+    monkeypatch.setattr(resolve, "memory_capacity_bytes", lambda device: 2**20)
+    cfg = tiny_config()
+    with pytest.raises(ConfigError, match="need about .* but cpu has 1.0 MiB"):
+        resolve.resolve_config(cfg, torch.device("cpu"), None, lambda _: None)
