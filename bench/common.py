@@ -211,6 +211,7 @@ def speedups(rows: list[Row], ours: str = "gptfast") -> dict[tuple[str, str], di
     return out
 
 
+# The peer kernel libraries (bench/peers.py loads them): each table ranks gptfast against the best.
 PEER_PROVIDERS = ("liger", "cce")
 
 
@@ -296,4 +297,6 @@ def bench_device() -> torch.device:
 
 
 def on_gpu() -> bool:
-    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    from kernels._utils import interpreter_enabled  # the one reading of TRITON_INTERPRET
+
+    return torch.cuda.is_available() and not interpreter_enabled()

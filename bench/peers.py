@@ -14,8 +14,10 @@ from typing import Callable
 import pytest
 import torch
 
-PEERS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
-PEER_PROVIDERS = tuple(PEERS)
+from bench.common import PEER_PROVIDERS
+
+# provider -> its top-level module; the providers are common.PEER_PROVIDERS, which the tables rank
+PEERS = dict(zip(PEER_PROVIDERS, ("liger_kernel", "cut_cross_entropy"), strict=True))
 
 
 def require(provider: str):

@@ -56,12 +56,16 @@ class RunDir:
             raise RunDirError(f"train.out_dir {str(self.path)!r} cannot be written: {e.strerror or e}") from None
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held: the one failure that means another trainer
             lock_file.seek(0)
             holder = lock_file.read().strip() or "another process"
             lock_file.close()
             raise RunDirError(f"train.out_dir {str(self.path)!r} is in use by another trainer ({holder}); "
                               "wait for it to finish, or give this run another --train.out_dir") from None
+        except OSError as e:  # a file system without locks (some network mounts), say
+            lock_file.close()
+            raise RunDirError(f"train.out_dir {str(self.path)!r} cannot be locked ({e.strerror or e}): gptfast "
+                              "needs a file system with flock to keep a second trainer out") from None
         try:
             lock_file.seek(0)
             lock_file.truncate()

@@ -17,8 +17,8 @@ recompile.
 
 Launches per step: the clipping norm (one launch writes per-block fp32 sums of squares, one torch
 sum reduces them: deterministic); one single-program prep kernel that turns, per tensor, the
-hyperparameters, the device step count and the norm into seven fp32 factors (bias corrections and
-lr scaling in fp64, as torch computes them, rounded once); and the element-wise update, which
+hyperparameters, the device step count and the norm into FACTORS = 8 fp32 factors (bias corrections
+and lr scaling in fp64, as torch computes them, rounded once; the clip coefficient last); and the element-wise update, which
 reads those factors and does fp32 arithmetic only, four loads and three stores per element.
 
 Alignment, so the element-wise kernels use 128-bit accesses: each base pointer read from a table

@@ -238,3 +238,19 @@ def test_unique_tmp_names():
 
     path = ckpt.checkpoint_path("/x", 3)
     assert tmp_path(path).name == f".ckpt_00000003.pt.{os.getpid()}.tmp"
+
+
+def test_a_file_system_without_locks_is_named_not_taken_for_another_trainer(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from gptfast.errors import RunDirError
+    from gptfast.rundir import RunDir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(RunDirError, match="cannot be locked \\(No locks available\\)") as raised:
+        RunDir(tmp_path / "run").acquire()
+    assert "in use" not in str(raised.value)
