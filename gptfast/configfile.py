@@ -12,7 +12,9 @@ import tomllib
 import typing
 from pathlib import Path
 
-from gptfast.config import RENAMED_SECTIONS, Config, _suggest, _toml_value, with_arch_defaults
+from gptfast.arch import with_arch_defaults
+from gptfast.config import RENAMED_SECTIONS, Config
+from gptfast.fields import suggest, toml_value
 from gptfast.errors import ConfigError
 
 SECTION_TYPES: dict[str, type] = typing.get_type_hints(Config)
@@ -69,7 +71,7 @@ def _section_from_dict(cls, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"{where}{_shown(key)}: unknown key{_suggest(key, names)}")
+            raise ConfigError(f"{where}{_shown(key)}: unknown key{suggest(key, names)}")
         doc = cls.__dataclass_fields__[key].metadata.get("doc", "")
         try:
             kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
@@ -86,7 +88,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             new = RENAMED_SECTIONS[name]
             raise ConfigError(f"{source}: [{name}]: this section is now [{new}] (same keys); rename it")
         if name not in SECTIONS:
-            raise ConfigError(f"{source}: [{_shown(name)}]: unknown section{_suggest(name, SECTIONS)}")
+            raise ConfigError(f"{source}: [{_shown(name)}]: unknown section{suggest(name, SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: {name}: expected a [{name}] table, got {values!r}")
         if name == "model":  # the arch's switch defaults, then the file's
@@ -174,7 +176,7 @@ def describe_keys(width: int = 100) -> str:
         lines.append(f"[{section}]")
         defaults = dataclasses.asdict(cls())
         for f in dataclasses.fields(cls):
-            head = f"  --{section}.{f.name}={_toml_value(defaults[f.name])}"
+            head = f"  --{section}.{f.name}={toml_value(defaults[f.name])}"
             doc = f.metadata.get("doc", "")
             wrapped = textwrap.wrap(doc, width - 8) or [""]
             lines.append(head)
@@ -187,6 +189,6 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)

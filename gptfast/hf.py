@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gptfast.config import GPT2_SWITCHES, ModelConfig
+from gptfast.arch import GPT2_SWITCHES, ModelConfig
 from gptfast.errors import CheckpointError
 from gptfast.files import default_file_mode
 

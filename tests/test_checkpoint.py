@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptfast import checkpoint as ckpt
-from gptfast.config import ARCH_DEFAULTS
+from gptfast.arch import ARCH_DEFAULTS
 from gptfast.errors import CheckpointError, RunDirError
 
 

@@ -125,7 +125,7 @@ def test_shipped_configs_load():
 
 
 def test_modern_arch_sets_its_switches_and_each_can_be_set_back(tmp_path):
-    from gptfast.config import ARCH_DEFAULTS, GPT2_SWITCHES, ModelConfig
+    from gptfast.arch import ARCH_DEFAULTS, GPT2_SWITCHES, ModelConfig
 
     cfg = load_config(write(tmp_path, '[model]\narch = "modern"\n'))
     for key, value in ARCH_DEFAULTS["modern"].items():

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import tiny_overrides  # noqa: E402
-from gptfast.config import _toml_value  # noqa: E402
+from gptfast.fields import toml_value  # noqa: E402
 from gptfast.configfile import SECTION_TYPES, load_config  # noqa: E402
 from gptfast.errors import ConfigError, GptfastError  # noqa: E402
 from gptfast.trainer import Trainer  # noqa: E402
@@ -29,10 +29,10 @@ def test_fuzzed_toml_never_tracebacks(tmp_path, doc):
     lines = []
     for section, values in doc.items():
         if isinstance(values, dict):
-            lines.append(f"[{_toml_value(section) if not section.isidentifier() else section}]")
-            lines += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append(f"[{toml_value(section) if not section.isidentifier() else section}]")
+            lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in values.items()]
         else:
-            lines.insert(0, f"{_toml_value(section)} = {_toml_value(values)}")
+            lines.insert(0, f"{toml_value(section)} = {toml_value(values)}")
     path = tmp_path / "fuzz.toml"
     path.write_text("\n".join(lines) + "\n")
     try:
@@ -73,7 +73,7 @@ def test_fuzzed_values_build_a_trainer_or_one_error_line(data_dir, tmp_path_fact
     """What passes validation must build; what cannot run must be refused with one line, before
     anything is written."""
     out = tmp_path_factory.mktemp("fuzz") / "run"
-    overrides = tiny_overrides(data_dir, out) + [f"--{k}={_toml_value(v)}" for k, v in changes.items()]
+    overrides = tiny_overrides(data_dir, out) + [f"--{k}={toml_value(v)}" for k, v in changes.items()]
     try:
         cfg = load_config(None, overrides)
     except ConfigError as e:
