@@ -59,16 +59,3 @@ def test_export_writes_files_with_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert modes == {"config.json": 0o666 & ~mask, "model.safetensors": 0o666 & ~mask}
-
-
-def test_cpu_threads_are_shared_among_a_machines_processes(monkeypatch):
-    from gptfast.device import DistInfo, cpu_threads
-
-    monkeypatch.delenv("GPTFAST_CPU_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert cpu_threads(DistInfo(rank=1, world_size=4, local_rank=1)) == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
-    assert cpu_threads(DistInfo(rank=1, world_size=32, local_rank=1)) == 1
-    monkeypatch.setenv("GPTFAST_CPU_THREADS", "3")
-    assert cpu_threads(DistInfo()) == 3
