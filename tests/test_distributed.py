@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import KERNEL_TEST_OVERRIDES, REPO, tiny_overrides
 
 
 def run(data_dir, out_dir, processes: int, **extra):
@@ -27,8 +27,9 @@ def records(out_dir, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
+# at the small vocabulary and micro-batch of the trainer's kernel tests: interpreted kernels are slow
 KERNELS_AND_RECOMPUTE = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kernels.adamw": True,
-                             "recompute.policy": '"selective"'}
+                         "recompute.policy": '"selective"', **KERNEL_TEST_OVERRIDES}
 
 
 MUON_WITH_KERNELS = dict(KERNELS_AND_RECOMPUTE, **{"optim.name": '"muon"'})
