@@ -17,7 +17,8 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        # pytest-xdist: the suite on every core (`pytest -n 2`); the benchmarks run without it
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-xdist>=3"],
         # transformers: to load an exported checkpoint there (the tests check that it loads)
         "hf": ["transformers>=4.40"],
         # [log] backends
