@@ -43,22 +43,22 @@ class ModelConfig:
     dropout: float = doc_field(0.0, "dropout probability in [0, 1); 0 for pretraining")
     bias: bool = doc_field(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
     arch: str = doc_field("gpt2", "gpt2: OpenAI's 2019 architecture (exportable to Hugging Face), every switch below "
-                               "at its GPT-2 value; modern: the switches default to the speedruns' values "
-                               "(modded-nanogpt) and each may be set back for an ablation")
+                                  "at its GPT-2 value; modern: the switches default to the speedruns' values "
+                                  "(modded-nanogpt) and each may be set back for an ablation")
     rotary: bool = doc_field(False, "rotary position embeddings on queries and keys instead of learned positions "
-                                 "(Su et al. 2021, RoFormer); modern: true")
+                                    "(Su et al. 2021, RoFormer); modern: true")
     rotary_base: float = doc_field(10000.0, "rotary: the base of the rotation frequencies")
     norm: str = doc_field("layernorm", "layernorm (Ba et al. 2016) or rmsnorm (Zhang & Sennrich 2019, no centring or "
-                                    "bias); modern: rmsnorm")
+                                       "bias); modern: rmsnorm")
     qk_norm: bool = doc_field(False, "RMS-normalise each head's queries and keys before attention (Dehghani et al. "
-                                  "2023; modded-nanogpt); modern: true")
+                                     "2023; modded-nanogpt); modern: true")
     mlp: str = doc_field("gelu", "the MLP's activation: gelu (GPT-2's tanh approximation) or relu2 (squared ReLU, "
-                              "So et al. 2021, Primer); modern: relu2")
+                                 "So et al. 2021, Primer); modern: relu2")
     tie_embeddings: bool = doc_field(True, "the lm_head shares the token embedding's matrix (GPT-2); modern: false")
     zero_init_proj: bool = doc_field(False, "initialise the projections into the residual stream (attention and MLP "
-                                         "c_proj) and an untied lm_head to zero (modded-nanogpt); modern: true")
+                                            "c_proj) and an untied lm_head to zero (modded-nanogpt); modern: true")
     logit_softcap: float = doc_field(0.0, "logits -> cap * tanh(logits / cap) before the loss (Gemma 2; "
-                                       "modded-nanogpt); 0: off; modern: 30")
+                                          "modded-nanogpt); 0: off; modern: 30")
 
     @classmethod
     def for_arch(cls, arch: str, **values) -> "ModelConfig":

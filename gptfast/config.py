@@ -58,23 +58,23 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = doc_field("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW at lr for embeddings, "
-                                "head, gains and biases)")
+                                   "head, gains and biases)")
     lr: float = doc_field(6e-4, "peak learning rate (AdamW's), reached after warmup")
     min_lr: float = doc_field(6e-5, "learning rate at the end of the decay")
     warmup_steps: int = doc_field(700, "optimizer steps of linear warmup from 0 to lr")
     schedule: str = doc_field("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay over "
-                                     "the last cooldown_fraction of the steps)")
+                                        "the last cooldown_fraction of the steps)")
     cooldown_fraction: float = doc_field(0.2, "wsd: the share of the steps spent decaying to min_lr")
     lr_decay_steps: int = doc_field(0, "optimizer step at which the decay reaches min_lr; 0: train.max_steps, so a "
-                                    "shorter run gets the whole schedule")
+                                       "shorter run gets the whole schedule")
     weight_decay: float = doc_field(0.1, "decoupled weight decay, applied to 2-D weights only")
     betas: tuple[float, float] = doc_field((0.9, 0.95), "AdamW (beta1, beta2)")
     eps: float = doc_field(1e-8, "AdamW epsilon")
     grad_clip: float = doc_field(1.0, "clip the global gradient norm to this; 0 disables clipping")
     muon_lr: float = doc_field(0.02, "muon: peak learning rate of the Muon matrices (scaled by the schedule "
-                                  "as lr is)")
+                                     "as lr is)")
     muon_embedding_lr: float = doc_field(0.0, "muon: peak AdamW rate of an untied token embedding (model.tie_embeddings "
-                                           "= false; modded-nanogpt trains it at ~150x the head's rate); 0: lr")
+                                              "= false; modded-nanogpt trains it at ~150x the head's rate); 0: lr")
     muon_momentum: float = doc_field(0.95, "muon: momentum (Nesterov)")
     muon_ns_steps: int = doc_field(5, "muon: Newton-Schulz iterations of the orthogonalisation")
     muon_weight_decay: float = doc_field(0.0, "muon: decoupled weight decay of the Muon matrices")
@@ -125,30 +125,30 @@ class TrainConfig:
     checkpoint_interval: int = doc_field(500, "write a checkpoint every this many steps")
     keep_checkpoints: int = doc_field(2, "how many of the newest checkpoints to keep on disk")
     max_bad_steps: int = doc_field(10, "stop after this many unhealthy optimizer steps in a row (NaN/Inf loss or "
-                                    "gradient norm, loss spike, parameter-norm blow-up)")
+                                       "gradient norm, loss spike, parameter-norm blow-up)")
     loss_spike_factor: float = doc_field(3.0, "a step whose loss exceeds this many times the mean of the recent "
-                                           "healthy losses is skipped as unhealthy; 0 disables the check")
+                                              "healthy losses is skipped as unhealthy; 0 disables the check")
     max_param_growth: float = doc_field(1.5, "an update that multiplies the global parameter norm by more than "
-                                          "this marks the run unhealthy; 0 disables the check")
+                                             "this marks the run unhealthy; 0 disables the check")
     out_dir: str = doc_field("out", "run directory: checkpoints, metrics.jsonl, config.toml")
     resume: bool = doc_field(True, "continue from the newest healthy checkpoint in out_dir if there is one")
     allow_config_change: bool = doc_field(False, "on resume, accept changes to settings that change the "
-                                              "trajectory (seed, data, batch, dropout); they are logged")
+                                                 "trajectory (seed, data, batch, dropout); they are logged")
     seed: int = doc_field(1337, "seed for initialisation, data order and dropout")
     dtype: str = doc_field("bfloat16", "autocast dtype on CUDA: bfloat16, float16 or float32")
     compile: bool = doc_field(False, "torch.compile the model")
     compile_scope: str = doc_field("model", "with compile: model (the whole model, one graph) or blocks (each "
-                                         "transformer block, one compilation shared by all of them: a shorter "
-                                         "start; the embedding and the loss run uncompiled)")
+                                            "transformer block, one compilation shared by all of them: a shorter "
+                                            "start; the embedding and the loss run uncompiled)")
     device: str = doc_field("auto", "auto, cpu, cuda or cuda:N")
     sample_tokens: int = doc_field(64, "tokens sampled at the end of the run; 0 for none")
     init_from: str = doc_field("", "a Hugging Face GPT-2 to start from: a directory, or a hub name (gpt2, gpt2-medium, "
-                                "org/name) found in the Hugging Face cache or downloaded into it; its config.json sets "
-                                "the architecture ([model] keeps only dropout)")
+                                   "org/name) found in the Hugging Face cache or downloaded into it; its config.json sets "
+                                   "the architecture ([model] keeps only dropout)")
     memory_budget: str = doc_field("", "plan micro-batch and activation recomputation into this much GPU memory, e.g. "
-                                    "\"12GiB\"; empty: train as configured")
+                                       "\"12GiB\"; empty: train as configured")
     target_val_loss: float = doc_field(0.0, "stop at the first evaluation whose val loss is at or below this, and "
-                                         "report the time, tokens and steps it took; 0: no target")
+                                            "report the time, tokens and steps it took; 0: no target")
 
     def validate(self, fail: Fail) -> None:
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_steps",
@@ -186,8 +186,8 @@ class KernelsConfig:
     cross_entropy: bool = doc_field(False, "Triton fused linear + cross-entropy loss")
     adamw: bool = doc_field(False, "Triton fused AdamW with fused gradient clipping")
     loss_chunk_mib: int = doc_field(256, "cross_entropy: the fused loss holds at most this many MiB of logits at "
-                                      "once (a fixed budget, which the memory planner counts: the same chunks, "
-                                      "and the same fp32 summation order, on every run and every resume)")
+                                         "once (a fixed budget, which the memory planner counts: the same chunks, "
+                                         "and the same fp32 summation order, on every run and every resume)")
 
     def validate(self, fail: Fail) -> None:
         if self.loss_chunk_mib <= 0:
@@ -197,7 +197,7 @@ class KernelsConfig:
 @dataclass
 class RecomputeConfig:
     policy: str = doc_field("none", "activation recomputation in backward: none, selective (recompute only "
-                                 "cheap ops) or full (the whole block)")
+                                    "cheap ops) or full (the whole block)")
     every: int = doc_field(1, "recompute every k-th block (1: all of them)")
 
     def validate(self, fail: Fail) -> None:
@@ -212,7 +212,7 @@ class EvalConfig:
     hellaswag_interval: int = doc_field(0, "evaluate HellaSwag every this many steps (and at the end); 0: never")
     hellaswag_limit: int = doc_field(0, "the first N HellaSwag items only; 0: all 10,042 of the val split")
     hellaswag_input: str = doc_field("", "the HellaSwag val jsonl, read offline; empty: download once into "
-                                      "~/.cache/gptfast")
+                                         "~/.cache/gptfast")
 
     def validate(self, fail: Fail) -> None:
         for key in ("hellaswag_interval", "hellaswag_limit"):
@@ -223,13 +223,13 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     backends: tuple[str, ...] = doc_field(("jsonl",), "where metrics go: jsonl (out_dir/metrics.jsonl), tensorboard "
-                                                  "(event files in out_dir/tensorboard), wandb")
+                                                     "(event files in out_dir/tensorboard), wandb")
     progress_seconds: float = doc_field(10.0, "a progress line within an optimizer step or an evaluation that runs "
-                                           "longer than this many seconds; 0 for none")
+                                              "longer than this many seconds; 0 for none")
     wandb_project: str = doc_field("gptfast", "Weights & Biases project")
     wandb_run_name: str = doc_field("", "Weights & Biases run name; empty: the name of train.out_dir")
     wandb_mode: str = doc_field("", "online, offline (no account needed; sync later) or disabled; empty: "
-                                 "wandb's own default (WANDB_MODE, else online)")
+                                    "wandb's own default (WANDB_MODE, else online)")
 
     def validate(self, fail: Fail) -> None:
         for backend in self.backends:
