@@ -38,6 +38,11 @@ class TrainState:
     best_val_loss: float | None = None  # over the whole run, resumes included
     train_seconds: float = 0.0  # wall time spent in optimizer steps, over the whole run
 
+    def evaluated(self, val_loss: float) -> None:
+        self.val_loss = val_loss
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+
     def state_dict(self) -> dict:
         return asdict(self)
 

@@ -47,3 +47,20 @@ def load_any(source: str, device: torch.device) -> tuple[GPT, str, torch.dtype |
         return model.to(device).eval(), f"{folder} (Hugging Face)", autocast_dtype(device, "bfloat16")
     model, state, dtype = load_model(source, device)
     return model, f"{state['path']} (step {state['step']})", dtype
+
+
+@torch.no_grad()
+def sample_text(model: GPT, device: torch.device, dtype: torch.dtype | None, max_new_tokens: int, seed: int,
+                temperature: float = 0.8, top_k: int = 200) -> str:
+    """Text the model writes from the start of a document (the end-of-text token), seeded."""
+    from gptfast.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([[enc.eot_token]], device=device)
+    with autocast(device, dtype):
+        out = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+    model.train(was_training)
+    return enc.decode(out[0, 1:].tolist())

@@ -28,16 +28,15 @@ from gptfast.device import DistInfo, autocast_dtype, device_name
 from gptfast.hardware import peak_bf16_flops
 from gptfast.health import HealthGuard, HealthMonitor, Verdict
 from gptfast.hellaswag import evaluate_model, hellaswag_items
-from gptfast.inference import autocast
+from gptfast.inference import autocast, sample_text
 from gptfast.loader import TokenLoader
 from gptfast.loggers import Loggers, check_backends
 from gptfast.metrics import RunMetrics
 from gptfast.model import GPT
 from gptfast.optim import build_scheduled_optimizer, lr_at
-from gptfast.progress import Progress, projection
+from gptfast.progress import Progress, announce
 from gptfast.resolve import resolve_config
 from gptfast.rundir import RunDir
-from gptfast.tokenizer import get_tokenizer
 
 
 @dataclass
@@ -203,7 +202,8 @@ class Trainer:
     def _run(self) -> TrainResult:
         t = self.cfg.train
         self.model.train()
-        self._announce()
+        announce(self.log, self.step, t.max_steps, self.flops_per_token, self.cfg.tokens_per_step, self.device,
+                 self.peak_flops)
         self.metrics = RunMetrics(self.cfg, self._record, self.log, self.flops_per_token, self.peak_flops,
                                   self.device, first_step=self.step)
         checkpoint, reached = None, False
@@ -227,25 +227,12 @@ class Trainer:
                 break
         return self._finish(checkpoint, stopped=self.stop_requested and self.step < t.max_steps and not reached)
 
-    def _announce(self) -> None:
-        t = self.cfg.train
-        if self.step >= t.max_steps:
-            self.log(f"nothing to do: step {self.step} >= train.max_steps = {t.max_steps}")
-            return
-        steps = t.max_steps - self.step
-        line = projection(self.flops_per_token, steps, steps * self.cfg.tokens_per_step, self.device,
-                          self.peak_flops)
-        if line:
-            self.log(line)
-
     def _evaluate_if_due(self, done: bool) -> bool:
         """Val loss and HellaSwag when due (rank 0); whether the target was reached now (every rank)."""
         t = self.cfg.train
         evaluated = self.step % t.eval_interval == 0 or done
         if evaluated and self.dist.main:
-            self.state.val_loss = self.evaluate()
-            if self.state.best_val_loss is None or self.state.val_loss < self.state.best_val_loss:
-                self.state.best_val_loss = self.state.val_loss
+            self.state.evaluated(self.evaluate())
             self.metrics.evaluation(self.step, self.state.val_loss, self.state.train_seconds)
             if t.target_val_loss and self.state.val_loss <= t.target_val_loss and self.target_reached is None:
                 gpus = self.dist.world_size if self.device.type == "cuda" else None
@@ -253,9 +240,8 @@ class Trainer:
                                                                   self.state.train_seconds, gpus)
         interval = self.cfg.eval.hellaswag_interval
         if interval and (self.step % interval == 0 or done) and self.dist.main:
-            result = evaluate_model(self.model, lambda: autocast(self.device, self.amp_dtype),
-                                              self.hellaswag_items, self.device, self.log,
-                                              self.cfg.log.progress_seconds)
+            result = evaluate_model(self.model, lambda: autocast(self.device, self.amp_dtype), self.hellaswag_items,
+                                    self.device, self.log, self.cfg.log.progress_seconds)
             self.metrics.hellaswag(self.step, result)
         if not (t.target_val_loss and evaluated):
             return False
@@ -305,13 +291,6 @@ class Trainer:
         self.model.train()
         return total.item() / steps
 
-    @torch.no_grad()
-    def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 200) -> str:
-        enc = get_tokenizer()
-        self.model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        idx = torch.tensor([[enc.eot_token]], device=self.device)
-        with autocast(self.device, self.amp_dtype):
-            out = self.model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
-        self.model.train()
-        return enc.decode(out[0, 1:].tolist())
+    def sample(self, max_new_tokens: int) -> str:
+        """Text sampled from the start of a document, seeded by train.seed."""
+        return sample_text(self.model, self.device, self.amp_dtype, max_new_tokens, self.cfg.train.seed)
