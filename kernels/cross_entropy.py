@@ -97,7 +97,9 @@ def _cross_entropy_kernel(
                 z = _soft_cap(z, softcap)
             z = tl.where(start + cols < n_classes, z, float("-inf"))  # padding columns are no class
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            # while every logit so far is -inf (a masked prefix), shift by 0: exp(-inf - -inf) is NaN
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
             m = m_new
         log_s = tl.log(s)
         tl.store(lse_ptr + 2 * row, m)
@@ -165,6 +167,8 @@ def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
                          f"{tuple(lse.shape)}")
     if n_rows == 0:
         return
+    if targets.stride(0) != 1:  # the kernel reads targets_ptr + row: t[::2], t[:, 0] come in contiguous
+        targets = targets.contiguous()
     block_v, num_warps = _block_v(n_cols, logits.device)
     compute_grad = grad is not None
     _cross_entropy_kernel[(n_rows,)](

@@ -354,3 +354,33 @@ def test_linear_cross_entropy_materialises_no_unused_gradient():
     with Fills() as fills:
         loss.backward()
     assert (128, 16) not in fills.shapes and (64, 16) not in fills.shapes, fills.shapes
+
+
+@pytest.mark.parametrize("view", ["every_other", "column"])
+def test_strided_targets_give_torchs_loss(view):
+    """t[::2] and t[:, 0] have a stride other than one: the kernel must not read t's neighbours."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(37, 67, generator=g, requires_grad=True)
+    base = torch.randint(0, 67, (74, 3), generator=g)
+    targets = base[::2, 1] if view == "every_other" else base[:37, 0]
+    assert targets.stride(0) != 1
+    loss = cross_entropy(logits, targets)
+    loss.backward()
+    want = torch.nn.functional.cross_entropy(logits.detach().requires_grad_(), targets)
+    torch.testing.assert_close(loss, want)
+    hidden, weight = torch.randn(37, 16, generator=g), torch.randn(67, 16, generator=g)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_bytes=4096),
+                               torch.nn.functional.cross_entropy(hidden @ weight.T, targets), rtol=1e-5, atol=1e-5)
+
+
+def test_a_first_block_of_minus_infinity_is_no_nan():
+    """A row whose first block of logits is entirely -inf (a masked prefix): the online log-sum-exp
+    shifts by 0 there instead of computing exp(-inf - -inf). The interpreter's block is the whole
+    row up to 64k columns, so the row is longer than that."""
+    n_cols = 65536 + 64
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, n_cols, generator=g)
+    logits[:, :65536] = float("-inf")
+    targets = torch.tensor([65540, 65600 - 1])
+    loss = cross_entropy(logits, targets)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets))
