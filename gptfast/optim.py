@@ -183,12 +183,18 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"FusedAdamW: all parameters must be on one device, got {sorted(map(str, devices))}")
         if any(p.dtype != torch.float32 for p in params):
             raise TypeError("FusedAdamW: parameters must be float32 (gradients may be bf16 or fp16)")
+        for index, p in enumerate(params):  # the kernels address each tensor as one flat block
+            if not p.is_contiguous():
+                raise ValueError(f"FusedAdamW: parameter {index} (shape {tuple(p.shape)}, strides {p.stride()}) is "
+                                 "not contiguous; pass a contiguous tensor (.contiguous() before wrapping it in a "
+                                 "Parameter)")
         import kernels.adamw  # noqa: F401  (fails here, not at the first step, where Triton is missing)
 
         self.device = devices.pop()
         self.max_grad_norm = max_grad_norm
         self.grad_norm: torch.Tensor | None = None
         self._prepared: list | None = None  # compute_grad_norm()'s launches, for the step that follows
+        self._prepared_for: list = []  # the .grad tensors they were computed from
         self._tables: dict = {}  # (grad dtype, sizes, groups) -> (BlockTable, device group indices)
 
     def _hyper_table(self) -> torch.Tensor:
@@ -245,8 +251,16 @@ class FusedAdamW(torch.optim.Optimizer):
         else:
             squares = [grad_sq_norm_partials(grads, table) for _, grads, _, _, table in launches]
             self.grad_norm = torch.cat(squares).sum().sqrt()
-        self._prepared = launches  # step() reuses the grouping and the norm
+        self._prepared = launches  # step() reuses the grouping and the norm...
+        self._prepared_for = self._current_grads()  # ...while these are still the gradients
         return self.grad_norm
+
+    def _current_grads(self) -> list:
+        return [p.grad for group in self.param_groups for p in group["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._prepared = None  # zeroed in place or dropped: the prepared norm is of other gradients
+        super().zero_grad(set_to_none=set_to_none)
 
     def discard_grad_norm(self) -> None:
         """Forget the norm of gradients that will not be stepped on (the trainer skipped them)."""
@@ -260,7 +274,9 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._prepared is None:
+        stale = self._prepared is not None and any(
+            a is not b for a, b in zip(self._prepared_for, self._current_grads(), strict=True))
+        if self._prepared is None or stale:  # new gradients since compute_grad_norm(): their own norm
             self.compute_grad_norm()
         launches, self._prepared = self._prepared, None
         if not launches:

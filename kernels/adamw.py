@@ -117,7 +117,9 @@ def _adamw_prep_kernel(
     bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
     if CLIP:
         norm = tl.load(norm_ptr)
-        clip = tl.minimum(max_norm / (norm + 1e-6), 1.0)
+        # a NaN norm gives a NaN coefficient, as torch.nn.utils.clip_grad_norm_ does (min(nan, 1) would
+        # silently step unclipped); the trainer never steps on a NaN norm: its health guard skips the step
+        clip = tl.where(norm == norm, tl.minimum(max_norm / (norm + 1e-6), 1.0), norm)
     else:
         clip = 1.0
     row = factors_ptr + t * FACTORS

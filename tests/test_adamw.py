@@ -201,3 +201,48 @@ def test_misaligned_tensors_are_refused():
     adamw.aligned_addresses([base, base[4:]], torch.device("cpu"))  # 16 bytes in: aligned
     with pytest.raises(ValueError, match="16-byte aligned"):
         adamw.aligned_addresses([base, base[1:]], torch.device("cpu"))
+
+
+def test_a_non_contiguous_parameter_is_refused_at_construction():
+    weight = torch.nn.Parameter(torch.zeros(6, 4, device=DEVICE).t())
+    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(4, 6\), strides \(1, 4\)\) is not contiguous"):
+        FusedAdamW([torch.nn.Parameter(torch.zeros(3, device=DEVICE)), weight])
+
+
+def test_a_nan_gradient_norm_with_clipping_gives_nan_as_torch_does():
+    """clip_grad_norm_'s coefficient is NaN for a NaN norm, so torch's clipped AdamW writes NaN
+    everywhere; min(nan, 1) = 1 would step unclipped instead."""
+    params = [torch.nn.Parameter(torch.ones(5, device=DEVICE)), torch.nn.Parameter(torch.ones(3, device=DEVICE))]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, reference, strict=True):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    params[0].grad[2] = float("nan")
+    reference[0].grad[2] = float("nan")
+    FusedAdamW(params, lr=0.1, max_grad_norm=1.0).step()
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    torch.optim.AdamW(reference, lr=0.1, weight_decay=1e-2, foreach=False).step()
+    for got, want in zip(params, reference, strict=True):
+        assert torch.isnan(want).all() and torch.isnan(got).all()
+
+
+def test_a_norm_computed_before_new_gradients_is_not_reused():
+    """compute_grad_norm(), then zero_grad and new gradients: step() applies the new gradients,
+    clipped by their own norm, not the prepared ones."""
+    def run(prepare_first: bool, set_to_none: bool):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.ones(8, device=DEVICE))
+        opt = FusedAdamW([p], lr=0.1, max_grad_norm=1.0)
+        if prepare_first:
+            p.grad = torch.full_like(p, 5.0)
+            opt.compute_grad_norm()
+            opt.zero_grad(set_to_none=set_to_none)
+        p.grad = torch.full_like(p, -3.0) if p.grad is None else p.grad.fill_(-3.0)
+        opt.step()
+        return p.detach().clone(), opt.grad_norm.item()
+
+    fresh = run(False, True)
+    for set_to_none in (True, False):
+        got = run(True, set_to_none)
+        torch.testing.assert_close(got[0], fresh[0])
+        assert got[1] == pytest.approx(fresh[1])
