@@ -20,7 +20,7 @@ import torch
 
 from bench.common import Row, bandwidth_row, on_gpu, rotating, synchronize, time_calls
 from bench.peers import cce_linear_cross_entropy, liger_linear_cross_entropy, probe
-from gptfast.config import ModelConfig
+from gptfast.config import KernelsConfig, ModelConfig
 from gptfast.model import MaskColumns
 from kernels import cross_entropy, linear_cross_entropy
 from tests.reference import cross_entropy_ref, soft_cap_ref
@@ -50,9 +50,9 @@ def torch_linear_cross_entropy(hidden, weight, targets, softcap=0.0):
 
 def gptfast_linear_cross_entropy(hidden, weight, targets, softcap=0.0):
     """As the model calls it: the whole padded weight, the padding masked in the kernel (and the
-    cap applied there), the chunk from free memory."""
+    cap applied there), the chunk the run's fixed budget (kernels.loss_chunk_mib)."""
     return linear_cross_entropy(hidden, weight, targets, n_classes=VOCAB, compute_dtype=torch.bfloat16,
-                                chunk_bytes=None, softcap=softcap)
+                                chunk_bytes=KernelsConfig().loss_chunk_mib * 2**20, softcap=softcap)
 
 
 def peer_linear_cross_entropy(provider):

@@ -90,8 +90,8 @@ class ScheduledOptimizer:
     goes through the loss scaler under float16; `clip_and_norm()` returns the global gradient norm
     as a device tensor, clipped to optim.grad_clip (FusedAdamW clips inside its own step, reusing
     that norm; every other optimizer through clip_grad_norm_; with grad_clip 0 the norm is only
-    measured); then either `step()` applies the update or `skip()` leaves parameters and state
-    untouched. `state_dict()` holds the inner optimizer's and the scaler's state; loading it keeps
+    measured); then `step()` applies the update, or, for a step found unhealthy, only
+    `zero_grad()` runs, leaving parameters and state untouched. `state_dict()` holds the inner optimizer's and the scaler's state; loading it keeps
     the peaks of this run's config, never the file's."""
 
     def __init__(self, inner, params: list[torch.Tensor], cfg: OptimConfig, max_steps: int,
@@ -126,11 +126,6 @@ class ScheduledOptimizer:
             self.scaler.update()
         else:
             self.inner.step()
-
-    def skip(self) -> None:
-        """The gradients are not stepped on (the health guard found the step unhealthy)."""
-        if self._fused_clip:
-            self.inner.discard_grad_norm()
 
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
@@ -261,10 +256,6 @@ class FusedAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._prepared = None  # zeroed in place or dropped: the prepared norm is of other gradients
         super().zero_grad(set_to_none=set_to_none)
-
-    def discard_grad_norm(self) -> None:
-        """Forget the norm of gradients that will not be stepped on (the trainer skipped them)."""
-        self._prepared = None
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -171,8 +171,7 @@ class Trainer:
         if verdict.healthy:
             self.optimizer.step()
             self.health.updated(self.model)
-        else:
-            self.optimizer.skip()
+        else:  # not stepped on: zero_grad below drops them (and FusedAdamW's norm of them)
             # This loss was computed with the weights after the previous update: a checkpoint of
             # them (written at the end of the previous step) is no longer trusted.
             self.checkpointer.condemn(self.step)
