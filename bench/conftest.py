@@ -56,9 +56,10 @@ BANDWIDTH = pytest.StashKey[dict]()
 def pytest_addoption(parser):
     parser.addoption("--emulate-vram", default=None, metavar="SIZE",
                      help="cap the GPU's memory to SIZE (e.g. 12GiB) to see what fits a smaller card")
-    parser.addoption("--time-to-loss", default="quick", choices=("quick", "full"),
+    parser.addoption("--time-to-loss", default="quick", choices=("quick", "full", "round2"),
                      help="bench_time_to_loss.py: a few steps, one seed (the default: the harness's command stays "
-                          "short) or the full protocol, opt-in (over 90 minutes on a 2-core CPU)")
+                          "short), round 1's full protocol (over 90 minutes on a 2-core CPU) or round 2's "
+                          "(its docstring says how long); both opt-in")
     parser.addoption("--memory-grid", default="quick", choices=("quick", "full"),
                      help="bench_memory.py: a few planner calibration cases (the default) or every config, "
                           "micro-batch, policy and provider")

@@ -11,20 +11,30 @@ from gptfast.fields import Fail, check_choice, doc_field, toml_value
 # friendly shapes (50257 -> 50304); the padded rows are never a target and are masked from the loss.
 VOCAB_PAD_MULTIPLE = 64
 
-ARCHES = ("gpt2", "modern")
+ARCHES = ("gpt2", "modern", "modern2")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 # The architecture switches and their values in each arch. gpt2 is fixed (it must stay OpenAI's
 # model, which exports to Hugging Face); modern's are defaults a config may override one by one.
 GPT2_SWITCHES = {"rotary": False, "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "tie_embeddings": True,
-                 "zero_init_proj": False, "logit_softcap": 0.0}
+                 "zero_init_proj": False, "logit_softcap": 0.0, "embed_skip": False, "unet_skips": False,
+                 "value_embeds": 0, "doc_mask": False, "attn_window": 0}
+MODERN = {"rotary": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
+          "zero_init_proj": True, "logit_softcap": 30.0, "bias": False}
 ARCH_DEFAULTS = {
     "gpt2": GPT2_SWITCHES,
     # modded-nanogpt's records (github.com/KellerJordan/modded-nanogpt): rotary, QK-norm, ReLU^2,
     # untied head, zero-init projections, soft cap 30, no biases.
-    "modern": {"rotary": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
-               "zero_init_proj": True, "logit_softcap": 30.0, "bias": False},
+    "modern": MODERN,
+    # Round 2: the ingredients of modded-nanogpt's later records (9-18), each a switch below:
+    # embedding skips, U-net skips, 3 value-embedding tables, attention masked to the document,
+    # a 512-token sliding window (grown over training by train.window_start), soft cap 15.
+    "modern2": {**MODERN, "logit_softcap": 15.0, "embed_skip": True, "unet_skips": True, "value_embeds": 3,
+                "doc_mask": True, "attn_window": 512},
 }
+# Sliding windows are whole multiples of this many tokens: FlexAttention's block size on CUDA
+# (a partly used block costs a whole one), and a bounded number of distinct windows.
+WINDOW_MULTIPLE = 64
 
 def with_arch_defaults(values: dict) -> dict:
     """A [model] section's values over its arch's switch defaults (ARCH_DEFAULTS): the one place
@@ -44,7 +54,9 @@ class ModelConfig:
     bias: bool = doc_field(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
     arch: str = doc_field("gpt2", "gpt2: OpenAI's 2019 architecture (exportable to Hugging Face), every switch below "
                                   "at its GPT-2 value; modern: the switches default to the speedruns' values "
-                                  "(modded-nanogpt) and each may be set back for an ablation")
+                                  "(modded-nanogpt record 8) and each may be set back for an ablation; modern2: "
+                                  "modern plus round 2's ingredients (records 9-18: embedding and U-net skips, value "
+                                  "embeddings, document mask, sliding window, soft cap 15)")
     rotary: bool = doc_field(False, "rotary position embeddings on queries and keys instead of learned positions "
                                     "(Su et al. 2021, RoFormer); modern: true")
     rotary_base: float = doc_field(10000.0, "rotary: the base of the rotation frequencies")
@@ -59,6 +71,24 @@ class ModelConfig:
                                             "c_proj) and an untied lm_head to zero (modded-nanogpt); modern: true")
     logit_softcap: float = doc_field(0.0, "logits -> cap * tanh(logits / cap) before the loss (Gemma 2; "
                                           "modded-nanogpt); 0: off; modern: 30")
+
+    embed_skip: bool = doc_field(False, "each block's input is a learned mix of the stream and the initial token "
+                                        "embedding, a * x + b * x0, per block, from a = 1, b = 0 (modded-nanogpt "
+                                        "record 9); modern2: true")
+    unet_skips: bool = doc_field(False, "U-net skips: the outputs of the first n_layer // 2 blocks are added, each "
+                                        "with a learned weight from 1, into the input of its mirror in the second "
+                                        "half (record 11); modern2: true")
+    value_embeds: int = doc_field(0, "k extra token-embedding tables mixed into the attention values, table i in "
+                                     "block i and in block n_layer - k + i, v -> a * v + b * ve (learned, from "
+                                     "0.5, 0.5; record 14); they train with the token embedding's AdamW rate; "
+                                     "0: none; modern2: 3")
+    doc_mask: bool = doc_field(False, "attention stays within a document: a token attends to no position before "
+                                      "the latest end-of-text token (eot_token), which opens the document after "
+                                      "it (record 12); modern2: true")
+    eot_token: int = doc_field(50256, "doc_mask: the token id that separates documents (GPT-2's <|endoftext|>)")
+    attn_window: int = doc_field(0, f"sliding-window attention: a token attends to the last attn_window positions "
+                                    f"(itself included), a multiple of {WINDOW_MULTIPLE}; train.window_start grows it "
+                                    "from smaller; 0: the whole context; modern2: 512")
 
     @classmethod
     def for_arch(cls, arch: str, **values) -> "ModelConfig":
@@ -92,6 +122,32 @@ class ModelConfig:
         if self.rotary and self.head_dim % 2:
             fail("model.rotary", f"rotary embeddings rotate pairs of channels: the head size "
                                  f"(n_embd / n_head = {self.head_dim}) must be even")
+
+        if self.value_embeds < 0 or 2 * self.value_embeds > self.n_layer:
+            fail("model.value_embeds", f"tables go to the first and last k blocks: must be in [0, n_layer / 2 = "
+                                       f"{self.n_layer // 2}], got {self.value_embeds}")
+        if self.attn_window < 0 or self.attn_window % WINDOW_MULTIPLE:
+            fail("model.attn_window", f"must be 0 (the whole context) or a positive multiple of {WINDOW_MULTIPLE} "
+                                      f"tokens, got {self.attn_window}")
+        if self.attn_window > self.block_size:
+            fail("model.attn_window", f"{self.attn_window} is longer than the context (model.block_size = "
+                                      f"{self.block_size}); 0 attends to the whole context")
+        if self.doc_mask and not 0 <= self.eot_token < self.vocab_size:
+            fail("model.eot_token", f"must be a token id below model.vocab_size = {self.vocab_size}, got "
+                                    f"{self.eot_token}")
+        if self.masked_attention and self.dropout:
+            fail("model.dropout", "must be 0 with model.doc_mask or model.attn_window: masked attention "
+                                  "(FlexAttention) has no attention dropout")
+
+    @property
+    def masked_attention(self) -> bool:
+        """Whether attention needs a mask beyond plain causality (a document mask or a window)."""
+        return self.doc_mask or self.attn_window > 0
+
+    @property
+    def final_window(self) -> int:
+        """The sliding window at the end of training: attn_window, or the whole context."""
+        return self.attn_window or self.block_size
 
     @property
     def head_dim(self) -> int:

@@ -149,6 +149,15 @@ class TrainConfig:
                                        "\"12GiB\"; empty: train as configured")
     target_val_loss: float = doc_field(0.0, "stop at the first evaluation whose val loss is at or below this, and "
                                             "report the time, tokens and steps it took; 0: no target")
+    window_start: int = doc_field(0, "the sliding window at step 0 (a multiple of 64 tokens), grown linearly to "
+                                     "model.attn_window (or the whole context) at the last step, in multiples of "
+                                     "64 (modded-nanogpt record 13); 0: the final window from the start")
+    grad_accum_start: int = doc_field(0, "batch-size schedule: the accumulation steps at step 0, grown linearly "
+                                         "over train.batch_warmup_steps to grad_accum_steps in whole multiples of "
+                                         "grad_accum_start (tokens per step grow with it); 0: grad_accum_steps "
+                                         "throughout")
+    batch_warmup_steps: int = doc_field(0, "batch-size schedule: the optimizer steps over which accumulation grows "
+                                           "from grad_accum_start to grad_accum_steps")
 
     def validate(self, fail: Fail) -> None:
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_steps",
@@ -173,6 +182,18 @@ class TrainConfig:
             fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
         if not self.out_dir:
             fail("train.out_dir", "must not be empty")
+        if self.grad_accum_start < 0 or self.batch_warmup_steps < 0:
+            fail("train.grad_accum_start" if self.grad_accum_start < 0 else "train.batch_warmup_steps",
+                 "must be >= 0 (0: no batch-size schedule)")
+        if self.grad_accum_start:
+            if self.grad_accum_steps % self.grad_accum_start:
+                fail("train.grad_accum_start", f"the schedule grows in multiples of it, so train.grad_accum_steps "
+                                               f"= {self.grad_accum_steps} must be one; got {self.grad_accum_start}")
+            if not self.batch_warmup_steps:
+                fail("train.batch_warmup_steps", "must be positive with train.grad_accum_start (the steps over "
+                                                 "which the batch grows)")
+        if self.window_start < 0 or self.window_start % 64:
+            fail("train.window_start", f"must be 0 or a positive multiple of 64 tokens, got {self.window_start}")
         if self.memory_budget:
             try:
                 parse_bytes(self.memory_budget)
@@ -185,6 +206,9 @@ class KernelsConfig:
     layernorm: bool = doc_field(False, "Triton fused residual-add + LayerNorm")
     cross_entropy: bool = doc_field(False, "Triton fused linear + cross-entropy loss")
     adamw: bool = doc_field(False, "Triton fused AdamW with fused gradient clipping")
+    flex_attention: bool = doc_field(True, "masked attention (model.doc_mask, model.attn_window) through "
+                                           "FlexAttention, compiled, on CUDA; false, or on the CPU (torch has no "
+                                           "FlexAttention backward there), through SDPA with a dense (T, T) mask")
     loss_chunk_mib: int = doc_field(256, "cross_entropy: the fused loss holds at most this many MiB of logits at "
                                          "once (a fixed budget, which the memory planner counts: the same chunks, "
                                          "and the same fp32 summation order, on every run and every resume)")
@@ -256,8 +280,39 @@ class Config:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens per optimizer step: micro-batch x accumulation x context."""
+        """Tokens per optimizer step at full batch: micro-batch x accumulation x context (a
+        batch-size schedule reaches it after train.batch_warmup_steps; tokens_at(step))."""
         return self.train.micro_batch_size * self.train.grad_accum_steps * self.model.block_size
+
+    def grad_accum_at(self, step: int) -> int:
+        """Micro-batches of optimizer step `step` (0-based) under the batch-size schedule: from
+        grad_accum_start, linearly to grad_accum_steps by batch_warmup_steps, in whole multiples of
+        grad_accum_start. A function of the step alone, so a resumed run takes the same batches."""
+        t = self.train
+        if not t.grad_accum_start or step >= t.batch_warmup_steps:
+            return t.grad_accum_steps
+        stages = t.grad_accum_steps // t.grad_accum_start  # accumulation counts 1x .. stages x start
+        return t.grad_accum_start * (1 + (stages - 1) * step // t.batch_warmup_steps)
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens of optimizer step `step` (0-based)."""
+        return self.train.micro_batch_size * self.grad_accum_at(step) * self.model.block_size
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens of the first `step` optimizer steps: the x axis of every curve."""
+        t = self.train
+        warm = min(step, t.batch_warmup_steps) if t.grad_accum_start else 0
+        return sum(self.tokens_at(s) for s in range(warm)) + (step - warm) * self.tokens_per_step
+
+    def window_at(self, step: int) -> int:
+        """The sliding window (tokens) of optimizer step `step` (0-based): train.window_start grown
+        linearly to the final window at the last step, rounded down to a multiple of 64 tokens."""
+        final, start = self.model.final_window, self.train.window_start
+        last = self.train.max_steps - 1
+        if not start or step >= last:
+            return final
+        grown = start + (final - start) * step / last
+        return max(start, int(grown) // 64 * 64)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,6 +334,12 @@ class Config:
         if self.train.init_from and self.model.arch != "gpt2":
             fail("train.init_from", f"loads OpenAI GPT-2 weights, which need model.arch = \"gpt2\", "
                                     f"not {self.model.arch!r}")
+        if self.train.window_start and not self.model.masked_attention:
+            fail("train.window_start", "grows a sliding window: set model.attn_window (the final window), or "
+                                       "model.doc_mask for masked attention over the whole context")
+        if self.train.window_start > self.model.final_window:
+            fail("train.window_start", f"{self.train.window_start} is longer than the final window "
+                                       f"({self.model.final_window} tokens: model.attn_window, or the context)")
         if self.optim.name == "muon" and self.train.dtype == "float16":
             fail("optim.name", "muon does not run with train.dtype = float16 (its loss scaler steps one torch "
                                "optimizer); use bfloat16")

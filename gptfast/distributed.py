@@ -31,6 +31,10 @@ def place_process(t: TrainConfig, info: DistInfo, log) -> torch.device:
     if device.type == "cpu" and cpu_threads(info) != torch.get_num_threads():
         torch.set_num_threads(cpu_threads(info))
         log(f"device cpu: {torch.get_num_threads()} threads per process")
+    if t.grad_accum_start % info.world_size:
+        raise ConfigError(f"train.grad_accum_start = {t.grad_accum_start} is not divisible by the "
+                          f"{info.world_size} processes: the batch-size schedule's every stage must split evenly; "
+                          f"use a multiple of {info.world_size}")
     return join(device, info, t.grad_accum_steps, log)
 
 

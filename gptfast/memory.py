@@ -171,8 +171,24 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
     full:      the block's fp32 input only (4C).
     The fused-norm path keeps the same tensors: a checkpointed block there starts from the
     stream alone and recomputes its first normalisation, so `fused_ln` changes nothing in the
-    count but RMSNorm's fp32 normalised input."""
-    C, H, a = cfg.n_embd, cfg.n_head, act_bytes
+    count but RMSNorm's fp32 normalised input.
+    Round 2's ingredients, per block (measured per switch, tests/test_memory.py):
+    - embed_skip: the mix a * x + b * x0 runs outside the block, whatever the policy; its input
+      stays held for a's gradient (+4C; in block 0 that input is x0, already held);
+    - value_embeds, under none: the mixed values a * v + b * ve are a new tensor attention saves
+      (+aC), and under bf16 the bf16 copy of ve that b's gradient reads (+2C), in the 2k blocks
+      that have one: averaged over the L blocks. The lookups are in `round2_bytes_per_token`.
+    - doc_mask, attn_window: with FlexAttention nothing beyond plain attention's log-sum-exp;
+      SDPA's dense mask is `predict_peak`'s "attention mask" part."""
+    C, a = cfg.n_embd, act_bytes
+    total = 4 * C if cfg.embed_skip else 0
+    if policy == "none" and cfg.value_embeds:
+        total += 2 * cfg.value_embeds / cfg.n_layer * (a * C + (2 * C if a == 2 else 0))
+    return total + _block_bytes_per_token(cfg, policy, a, fused_ln)
+
+
+def _block_bytes_per_token(cfg: ModelConfig, policy: str, a: int, fused_ln: bool) -> float:
+    C, H = cfg.n_embd, cfg.n_head
     if policy == "none":
         total = 8 * C + 16 + 14 * a * C + 4 * H
         if cfg.norm == "rmsnorm":
@@ -189,6 +205,22 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
     raise ValueError(f"unknown policy {policy!r}")
 
 
+def round2_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int) -> float:
+    """Bytes per token that round 2's ingredients hold outside the blocks: each value-embedding
+    table's fp32 lookup and its
+    product (2 x 4C a table), except without recomputation under bf16, where the blocks' bf16
+    copies are held instead (activation_bytes_per_token); and the stream entering the first
+    decoder block, which the U-net skip makes new while its mirror's output stays held (4C,
+    n_layer even). Measured per switch and policy, tests/test_memory.py."""
+    C = cfg.n_embd
+    total = 0
+    if not (policy == "none" and act_bytes == 2):
+        total += 8 * C * cfg.value_embeds
+    if cfg.unet_skips and cfg.n_layer % 2 == 0:
+        total += 4 * C
+    return total
+
+
 def padded_param_count(m: ModelConfig) -> int:
     """Parameters as allocated (the vocabulary padded, a tied head counted once), by formula: a
     config too large to build is still counted in no time (tests/test_memory.py holds it to the
@@ -198,7 +230,9 @@ def padded_param_count(m: ModelConfig) -> int:
     block = (2 * norm + C * 3 * C + b * 3 * C + C * C + b * C  # ln_1, ln_2, attention in and out
              + C * 4 * C + b * 4 * C + 4 * C * C + b * C)  # MLP in and out
     embeddings = m.padded_vocab_size * C * (1 if m.tie_embeddings else 2) + (0 if m.rotary else m.block_size * C)
-    return embeddings + m.n_layer * block + norm
+    embeddings += m.padded_vocab_size * C * m.value_embeds
+    scalars = 2 * m.n_layer * m.embed_skip + 2 * 2 * m.value_embeds + m.n_layer // 2 * m.unet_skips
+    return embeddings + m.n_layer * block + norm + scalars
 
 
 @dataclass
@@ -236,6 +270,14 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
         "embedding + head": int(tokens * (4 * m.n_embd * 2 + act_bytes * m.n_embd + 16
                                           + (4 * m.n_embd if m.norm == "rmsnorm" and not cfg.kernels.layernorm else 0))),
     }
+    if m.embed_skip or m.unet_skips or m.value_embeds:
+        parts["round-2 streams"] = int(tokens * round2_bytes_per_token(m, policy, act_bytes))
+    if m.masked_attention and not cfg.kernels.flex_attention:
+        # SDPA's dense mask: the bool (B or 1, 1, T, T) once, and in each block that keeps its
+        # activations, the fp32 additive mask SDPA converts it into (measured on the CPU path)
+        mask_batch = micro_batch_size if m.doc_mask else 1
+        kept_blocks = m.n_layer - recomputed
+        parts["attention mask"] = mask_batch * m.block_size ** 2 * (1 + 4 * kept_blocks)
     if fused_ce:
         # one chunk of logits (in place, also its gradient), grad_hidden, fp32 grad_weight
         chunk = min(tokens * vocab * act_bytes, cfg.kernels.loss_chunk_mib * 2**20)
@@ -268,8 +310,9 @@ MAX_MICRO_BATCH = 64  # sequences; beyond this a 124M-350M model gains nothing f
 
 def candidates(cfg: Config, act_bytes: int = 2) -> list[Prediction]:
     """Every power-of-two micro-batch up to MAX_MICRO_BATCH that divides the configured sequences
-    per optimizer step, under every policy."""
-    total_sequences = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    per optimizer step (under a batch-size schedule, those of its first, smallest step: every
+    later stage is a multiple of it), under every policy."""
+    total_sequences = cfg.train.micro_batch_size * (cfg.train.grad_accum_start or cfg.train.grad_accum_steps)
     sizes = [b for b in range(1, min(total_sequences, MAX_MICRO_BATCH) + 1)
              if total_sequences % b == 0 and b & (b - 1) == 0] or [1]
     n_params = padded_param_count(cfg.model)  # once, not per candidate
@@ -304,10 +347,13 @@ def plan(cfg: Config, budget_bytes: int, act_bytes: int = 2) -> Plan:
 
 
 def apply_plan(cfg: Config, chosen: Prediction) -> Config:
-    """`cfg` with the plan's micro-batch, accumulation and recomputation."""
+    """`cfg` with the plan's micro-batch, accumulation and recomputation (and the batch-size
+    schedule's first accumulation, at the same tokens)."""
+    t = cfg.train
+    start = t.grad_accum_start * t.micro_batch_size // chosen.micro_batch_size
     return replace(cfg,
-                   train=replace(cfg.train, micro_batch_size=chosen.micro_batch_size,
-                                 grad_accum_steps=chosen.grad_accum_steps),
+                   train=replace(t, micro_batch_size=chosen.micro_batch_size, grad_accum_steps=chosen.grad_accum_steps,
+                                 grad_accum_start=start),
                    recompute=RecomputeConfig(policy=chosen.policy, every=chosen.every))
 
 

@@ -50,8 +50,10 @@ class RunMetrics:
     `evaluation()`, `target_reached()`, `summary()`. Only the main process records."""
 
     def __init__(self, cfg, record: Callable[[dict], None], log: Callable[[str], None],
-                 flops_per_token: float, peak_flops: float | None, device: torch.device, first_step: int):
+                 flops_per_token: Callable[[int], float], peak_flops: float | None, device: torch.device,
+                 first_step: int):
         self.cfg, self._record, self.log = cfg, record, log
+        # flops_per_token(step): of that step's attention window (a growing window does more work)
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_flops, device
         self.first_step = first_step  # this session's: its first step holds compilation and warm-up
         self.start = self._last_time = time.perf_counter()
@@ -71,17 +73,19 @@ class RunMetrics:
     def step(self, step: int, loss: float, grad_norm: float, lr: float, skipped_steps: int,
              train_seconds: float) -> dict:
         now = time.perf_counter()
-        step_time = (now - self._last_time) / (step - self._last_step)
+        previous = self._last_step
+        step_time = (now - self._last_time) / (step - previous)
         self._last_time, self._last_step = now, step
-        tokens_per_second = self.cfg.tokens_per_step / step_time
+        tokens_per_second = (self.cfg.tokens_before(step) - self.cfg.tokens_before(previous)) / (step - previous) / step_time
         self.train_loss = loss
         record = {
             "step": step, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
             "tokens_per_second": tokens_per_second,
-            "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops),
+            "mfu": mfu(self.flops_per_token(step - 1), tokens_per_second, self.peak_flops),
             "peak_memory_bytes": self._peak_memory(),
             "eta_seconds": step_time * (self.cfg.train.max_steps - step), "skipped_steps": skipped_steps,
-            "tokens": step * self.cfg.tokens_per_step, "elapsed_seconds": train_seconds,
+            "tokens": self.cfg.tokens_before(step), "tokens_per_step": self.cfg.tokens_at(step - 1),
+            "elapsed_seconds": train_seconds,
         }
         if step > self.first_step + 1:
             self.rates.append(tokens_per_second)
@@ -102,20 +106,20 @@ class RunMetrics:
 
     def hellaswag(self, step: int, result: dict) -> None:
         self._record({"step": step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"],
-                      "hellaswag_items": result["items"], "tokens": step * self.cfg.tokens_per_step})
+                      "hellaswag_items": result["items"], "tokens": self.cfg.tokens_before(step)})
         self.log(f"step {step} | hellaswag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
                  f"{result['items']} items)")
 
     def evaluation(self, step: int, val_loss: float, train_seconds: float) -> None:
         self._record({"step": step, "val_loss": finite_or_none(val_loss),
-                      "tokens": step * self.cfg.tokens_per_step, "elapsed_seconds": train_seconds})
+                      "tokens": self.cfg.tokens_before(step), "elapsed_seconds": train_seconds})
         self.log(f"step {step} | val loss {val_loss:.4f}")
 
     def target_reached(self, step: int, val_loss: float, train_seconds: float, gpus: int | None) -> dict:
         """train.target_val_loss reached: what it took (gpus: GPUs in the job; None on the CPU)."""
         target = self.cfg.train.target_val_loss
         event = {"event": "target_reached", "step": step, "target_val_loss": target, "val_loss": val_loss,
-                 "tokens": step * self.cfg.tokens_per_step, "train_seconds": train_seconds,
+                 "tokens": self.cfg.tokens_before(step), "train_seconds": train_seconds,
                  "gpu_hours": train_seconds / 3600 * gpus if gpus else None}
         self._record(event)
         gpu = f", {event['gpu_hours']:.2f} GPU-hours" if event["gpu_hours"] else ""
@@ -127,11 +131,12 @@ class RunMetrics:
         """The end-of-run summary (state: the run's TrainState): one line, and a record."""
         wall = time.perf_counter() - self.start
         steps = state.step - self.first_step
-        tokens_per_step, target_loss = self.cfg.tokens_per_step, self.cfg.train.target_val_loss
+        target_loss = self.cfg.train.target_val_loss
+        tokens = self.cfg.tokens_before(state.step)
         record = {
             "event": "summary", "step": state.step, "steps_this_session": steps,
             "wall_seconds": wall, "train_seconds": state.train_seconds,
-            "tokens": state.step * tokens_per_step, "tokens_this_session": steps * tokens_per_step,
+            "tokens": tokens, "tokens_this_session": tokens - self.cfg.tokens_before(self.first_step),
             "final_val_loss": None if state.val_loss is None else finite_or_none(state.val_loss),
             "best_val_loss": None if state.best_val_loss is None else finite_or_none(state.best_val_loss),
             "mean_tokens_per_second": sum(self.rates) / len(self.rates) if self.rates else None,

@@ -37,11 +37,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         muon = Muon([dict(g, peak_lr=cfg.muon_lr) for g in groups], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                     ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
         # An untied token embedding gets its own group and rate (muon_embedding_lr): the speedruns
-        # train it at ~150x the head's rate. A tied one is the head, at lr.
-        embedding = None if model.config.tie_embeddings else model.transformer.wte.weight
-        rest = [{"params": [p for p in others if p.dim() >= 2 and p is not embedding],
+        # train it at ~150x the head's rate. A tied one is the head, at lr. Value embeddings are
+        # token embeddings too, at the same rate (modded-nanogpt trains both at one rate).
+        embeddings = [] if model.config.tie_embeddings else [model.transformer.wte.weight]
+        embeddings += [table.weight for table in getattr(model, "value_embeds", [])]
+        embedding_ids = {id(p) for p in embeddings}
+        rest = [{"params": [p for p in others if p.dim() >= 2 and id(p) not in embedding_ids],
                  "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
-                {"params": [embedding] if embedding is not None else [], "weight_decay": cfg.weight_decay,
+                {"params": embeddings, "weight_decay": cfg.weight_decay,
                  "peak_lr": cfg.muon_embedding_lr or cfg.lr},
                 {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr}]
         return MuonAdamW(muon, _adamw([g for g in rest if g["params"]], cfg, device, triton_adamw, clip=False))

@@ -107,12 +107,13 @@ def projection(flops_per_token: float, steps: int, tokens: int, device: torch.de
     return f"warning: {line}; {hint}"
 
 
-def announce(log: Callable[[str], None], step: int, max_steps: int, flops_per_token: float, tokens_per_step: int,
+def announce(log: Callable[[str], None], step: int, max_steps: int, flops_per_token: float, tokens_left: int,
              device: torch.device, peak_flops: float | None) -> None:
-    """Before a session's first step: nothing to do, or the projected duration (see `projection`)."""
+    """Before a session's first step: nothing to do, or the projected duration of the tokens left
+    (see `projection`)."""
     if step >= max_steps:
         log(f"nothing to do: step {step} >= train.max_steps = {max_steps}")
         return
-    line = projection(flops_per_token, max_steps - step, (max_steps - step) * tokens_per_step, device, peak_flops)
+    line = projection(flops_per_token, max_steps - step, tokens_left, device, peak_flops)
     if line:
         log(line)

@@ -63,6 +63,11 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
             log(f"init_from {t.init_from!r}: {folder}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(folder)))
     cfg = dataclasses.replace(cfg, kernels=available_kernels(cfg.kernels, device, log))
+    if cfg.kernels.flex_attention and device.type != "cuda":
+        # config.toml records what runs: on the CPU torch has no FlexAttention backward
+        if cfg.model.masked_attention:
+            log(f"masked attention: SDPA with a dense mask on {device.type} (FlexAttention trains on CUDA only)")
+        cfg = dataclasses.replace(cfg, kernels=dataclasses.replace(cfg.kernels, flex_attention=False))
     act_bytes = 2 if amp_dtype is not None else 4
     if t.memory_budget:
         chosen = memory.plan(cfg, memory.budget_bytes(t.memory_budget, "train.memory_budget"), act_bytes)

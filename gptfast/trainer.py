@@ -98,7 +98,9 @@ class Trainer:
         self.log(f"model: {self.model.num_params():,} parameters ({cfg.model.n_layer} layers, "
                  f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})")
         self.log(f"tokens per optimizer step: {cfg.tokens_per_step:,} = {t.micro_batch_size} micro-batch x "
-                 f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context")
+                 f"{t.grad_accum_steps} accumulation x {cfg.model.block_size} context"
+                 + (f", from {cfg.tokens_at(0):,} ({t.grad_accum_start} accumulation) over the first "
+                    f"{t.batch_warmup_steps} steps" if t.grad_accum_start else ""))
         float16 = self.amp_dtype == torch.float16
         self.optimizer = build_scheduled_optimizer(self.model, cfg.optim, t.max_steps, self.device,
                                                    triton_adamw=cfg.kernels.adamw, float16=float16)
@@ -110,8 +112,26 @@ class Trainer:
         self.target_reached: dict | None = None  # when train.target_val_loss was reached
         self.skipped_steps = 0  # all steps skipped as unhealthy since this process started
         self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
-        self.flops_per_token = self.model.flops_per_token()
+        self.doc_fraction = self._doc_mask_fraction()
+        self.flops_per_token = self.model.flops_per_token(doc_fraction=self.doc_fraction)
         self.peak_flops = peak_bf16_flops(device_name(self.device)) if self.device.type == "cuda" else None
+
+    def _doc_mask_fraction(self) -> float:
+        """The share of causal (query, key) pairs the document mask keeps, over the first 8 train
+        micro-batches at the final window: the attention FLOPs it leaves are counted from it."""
+        m = self.cfg.model
+        if not m.doc_mask:
+            return 1.0
+        from gptfast.model import attention_mask, document_ids
+
+        kept = windowed = 0
+        for i in range(8):
+            x, _ = self.loader.batch("train", 0, i)
+            x = x.cpu()
+            positions = torch.arange(x.size(1))
+            kept += int(attention_mask(positions, x.size(1), m.final_window, document_ids(x, m.eot_token)).sum())
+            windowed += x.size(0) * int(attention_mask(positions, x.size(1), m.final_window, None).sum())
+        return kept / windowed
 
     def _start_or_resume(self) -> None:
         t = self.cfg.train
@@ -146,9 +166,12 @@ class Trainer:
         host sync of the step."""
         t = self.cfg.train
         self.optimizer.set_lr(self.step)
-        # Each rank takes its share of the step's micro-batches; the windows are those a single
-        # process would draw (the loader is a function of the global micro-step index).
-        local_steps = t.grad_accum_steps // self.dist.world_size
+        if self.cfg.model.masked_attention:
+            self.model.set_window(self.cfg.window_at(self.step))
+        # Each rank takes its share of the step's micro-batches (the batch-size schedule's count at
+        # this step); the windows are those a single process would draw (the loader is a function
+        # of the global micro-step index).
+        local_steps = self.cfg.grad_accum_at(self.step) // self.dist.world_size
         progress = Progress(local_steps, f"step {self.step + 1}/{t.max_steps}: micro-batch", self.log,
                             after=self.cfg.log.progress_seconds)
         loss_sum = torch.zeros((), device=self.device)
@@ -201,9 +224,10 @@ class Trainer:
     def _run(self) -> TrainResult:
         t = self.cfg.train
         self.model.train()
-        announce(self.log, self.step, t.max_steps, self.flops_per_token, self.cfg.tokens_per_step, self.device,
-                 self.peak_flops)
-        self.metrics = RunMetrics(self.cfg, self._record, self.log, self.flops_per_token, self.peak_flops,
+        announce(self.log, self.step, t.max_steps, self.flops_per_token,
+                 self.cfg.tokens_before(t.max_steps) - self.cfg.tokens_before(self.step), self.device, self.peak_flops)
+        window_flops = lambda step: self.model.flops_per_token(self.cfg.window_at(step), self.doc_fraction)  # noqa: E731
+        self.metrics = RunMetrics(self.cfg, self._record, self.log, window_flops, self.peak_flops,
                                   self.device, first_step=self.step)
         checkpoint, reached = None, False
         while self.step < t.max_steps:
