@@ -175,7 +175,9 @@ def test_recipes_tokens_to_loss(benchmark, record, request, device, device_info,
 #    the batch-size schedule: 1 micro-batch (1,024 tokens) for the first third, then 2.
 # 4. Tuning: adamw sweeps lr; modern sweeps muon_lr with its AdamW part at round 1's best CPU rate
 #    (0.01); modern2 keeps modern's best muon_lr and sweeps its AdamW part (embeddings, value
-#    embeddings, head, gains). Seed 0 at each rate; a best rate at a sweep's edge is reported.
+#    embeddings, head, gains). Seed 0 at each rate. While the best rate sits at a sweep's edge,
+#    one more rate beyond it (at the sweep's ratio), at most MAX_SWEEP_EXTENSIONS times; a best
+#    still at the edge is reported.
 # 5. Seeds 0, 1, 2 of adamw, modern and modern2 at their best rates; the target is adamw's mean
 #    final val loss; tokens to it, per seed, over adamw's whole run.
 # 6. Ablations: modern2 with one ingredient set back (ABLATIONS), at modern2's rates, seeds 0 and 1
@@ -185,10 +187,11 @@ def test_recipes_tokens_to_loss(benchmark, record, request, device, device_info,
 # runs of ~2 minutes, two at a time with a thread each: ~35 minutes on an idle machine.
 
 ROUND2 = {"steps": 200, "eval_interval": 10, "seeds": [0, 1, 2], "ablation_seeds": [0, 1],
-          "sweep": {"adamw": [1e-3, 3e-3, 1e-2], "modern": [0.01, 0.02, 0.04], "modern2": [3e-3, 1e-2, 3e-2]}}
+          "sweep": {"adamw": [3e-4, 1e-3, 3e-3], "modern": [0.005, 0.01, 0.02], "modern2": [3e-3, 1e-2, 3e-2]}}
 ROUND2_QUICK = {"steps": 4, "eval_interval": 2, "seeds": [0], "ablation_seeds": [0],
                 "sweep": {"adamw": [3e-3], "modern": [0.02], "modern2": [1e-2]}}
 VOCAB2 = 2048
+MAX_SWEEP_EXTENSIONS = 2  # rates added beyond a sweep's edge while its best sits there
 MODERN2 = {"model.arch": '"modern2"', "model.value_embeds": 2, "model.attn_window": 128, "train.window_start": 64}
 ABLATIONS = {
     "no embed_skip": {"model.embed_skip": "false"},
@@ -312,19 +315,28 @@ def test_round2_tokens_to_loss(benchmark, record, request, device_info, round2_c
     protocol = ROUND2 if mode == "round2" else ROUND2_QUICK
     workers = 2 if mode == "round2" else 1
     data, eot = round2_corpus
-    out: dict = {"sweep": {}, "seeds": {}, "ablations": {}}
+    out: dict = {"sweep": {}, "swept": {}, "seeds": {}, "ablations": {}}
 
     def experiment():
         best = {"adamw": None, "modern": None, "modern2": None}
         rates_of = {"adamw": lambda lr: (lr, lr), "modern": lambda lr: (lr, 0.01),
                     "modern2": lambda lr: (best["modern"], lr)}
         for recipe in ("adamw", "modern", "modern2"):  # modern2 uses modern's best muon_lr
-            lrs = protocol["sweep"][recipe]
-            jobs = [(data, eot, tmp_path / f"sweep-{recipe}-{lr}", protocol, recipe, *rates_of[recipe](lr), 0)
-                    for lr in lrs]
-            for lr, (final, _, _) in zip(lrs, run_parallel(jobs, workers)):
-                out["sweep"][f"{recipe} lr={lr}"] = final
-            best[recipe] = min(lrs, key=lambda lr: out["sweep"][f"{recipe} lr={lr}"])
+            lrs = list(protocol["sweep"][recipe])
+            todo = lrs
+            for _ in range(1 + MAX_SWEEP_EXTENSIONS):
+                jobs = [(data, eot, tmp_path / f"sweep-{recipe}-{lr}", protocol, recipe, *rates_of[recipe](lr), 0)
+                        for lr in todo]
+                for lr, (final, _, _) in zip(todo, run_parallel(jobs, workers)):
+                    out["sweep"][f"{recipe} lr={lr}"] = final
+                best[recipe] = min(lrs, key=lambda lr: out["sweep"][f"{recipe} lr={lr}"])
+                # a best rate at an edge is not bracketed: one more rate beyond that edge, at the sweep's ratio
+                if len(lrs) < 2 or best[recipe] not in (lrs[0], lrs[-1]):
+                    break
+                ratio = lrs[1] / lrs[0]
+                todo = [float(f"{lrs[0] / ratio:.3g}")] if best[recipe] == lrs[0] else [float(f"{lrs[-1] * ratio:.3g}")]
+                lrs = sorted(lrs + todo)
+            out["swept"][recipe] = lrs
         jobs, names = [], []
         for recipe in ("adamw", "modern", "modern2"):
             for seed in protocol["seeds"]:
@@ -353,9 +365,9 @@ def test_round2_tokens_to_loss(benchmark, record, request, device_info, round2_c
     summary = {
         "protocol": protocol, "ablations": ABLATIONS, "modern2_settings": MODERN2, "best_lr": out["best"],
         "sweep_final_val_loss": out["sweep"],
+        "swept_lr": out["swept"],
         "best_lr_at_sweep_edge": [r for r, lr in out["best"].items()
-                                  if len(protocol["sweep"][r]) > 1 and lr in (min(protocol["sweep"][r]),
-                                                                              max(protocol["sweep"][r]))],
+                                  if len(out["swept"][r]) > 1 and lr in (min(out["swept"][r]), max(out["swept"][r]))],
         "target_val_loss": target, "adamw_tokens": adamw_tokens,
         "final_val_loss": {name: [r["final"] for r in seeds] for name, seeds in runs.items()},
         "tokens_to_target": {name: [tokens_to(r["curve"], target) for r in runs[name]] for name in ratios},
