@@ -18,10 +18,12 @@ import torch
 
 from gptfast.errors import TrainingDiverged
 
-# The spike reference: the mean loss of this many recent healthy steps, once at least
-# SPIKE_MIN_HISTORY of them exist (the first steps of a run have nothing to compare with).
+# The spike reference: the mean loss of this many recent healthy steps, from the first one on. A
+# fresh run's losses fall from about ln(vocab) and a loaded model's start at its own, so the first
+# healthy loss is already a fair reference (waiting for three let a first update that blew the
+# weights up pass: its loss was only compared with nothing).
 SPIKE_WINDOW = 10
-SPIKE_MIN_HISTORY = 3
+SPIKE_MIN_HISTORY = 1
 
 
 @dataclass
@@ -99,10 +101,21 @@ class HealthMonitor:
     def bad_in_a_row(self) -> int:
         return self.guard.bad_in_a_row
 
+    @staticmethod
+    def _norm(model: torch.nn.Module) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(model.parameters()))).float())
+
     @torch.no_grad()
     def updated(self, model: torch.nn.Module) -> None:
-        norms = torch._foreach_norm(list(model.parameters()))
-        self._pending = torch.linalg.vector_norm(torch.stack(norms).float())
+        self._pending = self._norm(model)
+
+    @torch.no_grad()
+    def baseline(self, model: torch.nn.Module) -> None:
+        """The norm of weights nobody updated yet (fresh, loaded from init_from, or a checkpoint
+        older than this rule), the reference the first update is judged against: without it the
+        first update went unjudged, however far it threw the weights (one host read, at start)."""
+        if self.guard.param_norm is None:
+            self.guard.param_norm = self._norm(model).item()
 
     def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor,
               also: torch.Tensor | None = None) -> tuple[Verdict, float | None]:

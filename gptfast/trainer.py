@@ -69,6 +69,7 @@ class Trainer:
         self.run_dir = self._claim_run_dir()
         self._build()
         self._start_or_resume()
+        self.health.baseline(self.model)  # the first update is judged against these weights
         distributed.seed_rank(self.cfg.train.seed, self.dist, self.step)
         self.train_model, self.eval_model = distributed.wrap(self.model, self.cfg.train, self.dist, self.device)
 

@@ -24,7 +24,7 @@ def losses(out_dir):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("arch, optimizer", [("gpt2", "adamw"), ("modern", "muon")])
+@pytest.mark.parametrize("arch, optimizer", [("gpt2", "adamw"), ("modern", "muon"), ("modern2", "muon")])
 def test_golden_trajectory_bf16_compiled(data_dir, tmp_path, arch, optimizer):
     """20 optimizer steps of a 6-layer model in bf16 under torch.compile: with every kernel on, each
     step's loss within 2% of the PyTorch path's (bf16 rounding differs between the paths, so the
@@ -34,6 +34,8 @@ def test_golden_trajectory_bf16_compiled(data_dir, tmp_path, arch, optimizer):
              "train.max_steps": STEPS, "train.eval_interval": STEPS, "train.checkpoint_interval": STEPS,
              "train.device": '"cuda"', "train.dtype": '"bfloat16"', "train.compile": True,
              "optim.lr_decay_steps": 0, "optim.warmup_steps": 5}
+    if arch == "modern2":  # FlexAttention with the document mask and a window growing 64 -> 128 in the context of 256
+        extra.update({"model.attn_window": 128, "train.window_start": 64})
     runs = {}
     for name, kernels in (("off", {}), ("on", KERNELS)):
         cfg = load_config(None, tiny_overrides(data_dir, tmp_path / name, dict(extra, **kernels)))
@@ -81,3 +83,31 @@ def test_trains_under_a_12_gib_cap_at_the_planners_choice(data_dir, tmp_path, co
           f"reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB")
     assert result.step == 50
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+def test_flex_attention_path_matches_the_dense_mask_path():
+    """The modern2 model through compiled FlexAttention (the CUDA path) against SDPA with the same
+    dense mask: loss and every gradient, with EOTs in the tokens and a window shorter than the context."""
+    from gptfast.config import KernelsConfig, ModelConfig
+    from gptfast.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.for_arch("modern2", n_layer=6, n_head=4, n_embd=128, block_size=512, vocab_size=1000,
+                               eot_token=7, attn_window=128)
+    dense = GPT(cfg, KernelsConfig(flex_attention=False)).cuda()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    flex = GPT(cfg, KernelsConfig(flex_attention=True)).cuda()
+    flex.load_state_dict(dense.state_dict())
+    x = torch.randint(8, 1000, (2, 512), device="cuda")
+    x[torch.rand(x.shape, device="cuda") < 0.01] = 7
+    y = x.roll(-1, 1)
+    results = []
+    for model in (dense, flex):
+        loss = model(x, y)  # fp32: the two paths differ only in summation order
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    tol = dict(atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(results[1][0], results[0][0], **tol)
+    for (name, _), got, want in zip(dense.named_parameters(), results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, **tol, msg=name)

@@ -89,3 +89,36 @@ def test_state_round_trips():
     other = monitor()
     other.load_state_dict(m.state_dict())
     assert other.state_dict() == m.state_dict() and other.bad_in_a_row == 1
+
+
+def test_the_first_update_is_judged_against_the_initial_weights():
+    model = torch.nn.Linear(4, 4)
+    m = monitor()
+    m.baseline(model)
+    with torch.no_grad():
+        model.weight.mul_(1e4)
+    m.updated(model)
+    verdict, _ = judge(m, 4.0)
+    assert not verdict.healthy and "grew the parameter norm" in verdict.reason
+    resumed = monitor()  # a guard restored from a checkpoint keeps the norm it recorded
+    resumed.guard.param_norm = 3.0
+    resumed.baseline(model)
+    assert resumed.guard.param_norm == 3.0
+
+
+@pytest.mark.parametrize("guard", [{}, {"train.loss_spike_factor": 0}, {"train.max_param_growth": 0}],
+                         ids=["both-checks", "growth-check-alone", "spike-check-alone"])
+def test_a_first_update_that_explodes_is_never_called_healthy(tiny_config, tmp_path, guard):
+    """lr 1e3: the first update throws the weights far out. Its checkpoint is marked unhealthy,
+    and the divergence error says no healthy checkpoint exists instead of naming that one, whether
+    the growth check (against the initial weights) or the spike check (against the first loss)
+    catches it."""
+    from gptfast import checkpoint as ckpt
+    from gptfast.trainer import Trainer
+
+    cfg = tiny_config({"optim.lr": 1e3, "optim.warmup_steps": 1, "train.max_steps": 20, "train.max_bad_steps": 3,
+                       "train.checkpoint_interval": 1, "train.eval_interval": 20, **guard})
+    trainer = Trainer(cfg, log=lambda _: None)
+    with pytest.raises(TrainingDiverged, match="No healthy checkpoint was written"):
+        trainer.run()
+    assert ckpt.latest_checkpoint(tmp_path / "run", healthy_only=True) is None
