@@ -28,6 +28,7 @@ class RunDir:
         self.path = Path(path)
         self.log = log
         self._lock_file = None
+        self._created = False  # acquire made the directory (abandon may remove it)
 
     @property
     def config_path(self) -> Path:
@@ -50,6 +51,7 @@ class RunDir:
         """Create the directory, take its lock and prove it writable before training time is spent.
         Temporary files left by a killed trainer are removed: holding the lock, nobody else writes here."""
         try:
+            self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             lock_file = open(self.lock_path, "a+")
         except OSError as e:
@@ -82,6 +84,21 @@ class RunDir:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the descriptor releases the flock
             self._lock_file = None
+
+    def abandon(self) -> None:
+        """Release the directory of a run that failed before it started: the lock file goes too
+        when it is all there is, and the directory when this run created it."""
+        held = self._lock_file is not None
+        self.release()
+        if not held:
+            return
+        try:
+            if [p.name for p in self.path.iterdir()] == [self.lock_path.name]:
+                self.lock_path.unlink()
+                if self._created:
+                    self.path.rmdir()
+        except OSError:
+            pass  # the directory stays as it is: nothing in it was ours to remove
 
     # -- files -----------------------------------------------------------------------------------
 

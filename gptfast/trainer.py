@@ -66,12 +66,21 @@ class Trainer:
         check_backends(self.cfg.log)
         self.hellaswag_items = hellaswag_items(self.cfg.eval, self.log) if self.dist.main else None
         self.loader = self._open_data()
-        self.run_dir = self._claim_run_dir()
-        self._build()
-        self._start_or_resume()
-        self.health.baseline(self.model)  # the first update is judged against these weights
-        distributed.seed_rank(self.cfg.train.seed, self.dist, self.step)
-        self.train_model, self.eval_model = distributed.wrap(self.model, self.cfg.train, self.dist, self.device)
+        try:
+            self.run_dir = self._claim_run_dir()
+            try:
+                self._build()
+                self._start_or_resume()
+                self.health.baseline(self.model)  # the first update is judged against these weights
+                distributed.seed_rank(self.cfg.train.seed, self.dist, self.step)
+                self.train_model, self.eval_model = distributed.wrap(self.model, self.cfg.train, self.dist,
+                                                                     self.device)
+            except BaseException:
+                self.run_dir.abandon()  # a bad init_from or checkpoint leaves no held lock behind
+                raise
+        except BaseException:
+            self.loader.close()
+            raise
 
     # -- construction, in the order __init__ runs it ---------------------------------------------
 
@@ -136,15 +145,18 @@ class Trainer:
 
     def _start_or_resume(self) -> None:
         t = self.cfg.train
-        if t.resume:
-            self.checkpointer.restore()  # the newest healthy checkpoint, if there is one
-        elif self.dist.main:
-            self.run_dir.set_aside_previous_run()
-        if t.init_from and self.step == 0:
+        resumed = t.resume and self.checkpointer.restore()  # the newest healthy checkpoint, if there is one
+        if t.init_from and self.step == 0:  # before anything moves: a bad init_from leaves the directory as it was
             from gptfast import hf
 
             hf.load_hf_into(self.model, t.init_from)
             self.log(f"initialised from {t.init_from} (fresh optimizer, step 0)")
+        if self.dist.main and not resumed:
+            if t.resume:  # nothing to resume from: metrics an earlier run left without a checkpoint go aside
+                self.run_dir.set_aside([self.run_dir.metrics_path], "starting at step 0; the metrics of an earlier "
+                                                                    "run that wrote no checkpoint")
+            else:
+                self.run_dir.set_aside_previous_run()
         if self.dist.main:
             self.run_dir.write_config(to_toml(self.cfg))
         self.loggers = Loggers(self.cfg, self.run_dir, enabled=self.dist.main)

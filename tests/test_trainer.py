@@ -79,6 +79,56 @@ def test_resume_false_sets_the_previous_run_aside(tiny_config, tmp_path):
         "ckpt_00000003.pt", "ckpt_00000003.pt.sha256", "ckpt_00000006.pt", "ckpt_00000006.pt.sha256", "metrics.jsonl"]
 
 
+def test_a_start_from_step_0_owns_a_fresh_metrics_file(tiny_config, tmp_path):
+    """A run killed before its first checkpoint left metrics.jsonl with a torn last line: the rerun
+    starts at step 0 with a metrics file of its own (the old one set aside), so its later resumes
+    read a clean file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n" + '{"step": 2, "lo')
+    crashing = Trainer(tiny_config(), log=quiet)
+    assert crashing.step == 0
+    crash_at_step(crashing, 4)
+    resumed = Trainer(tiny_config(), log=quiet)  # reads the metrics written since step 0
+    assert resumed.step == 3
+    resumed.run()
+    assert [s for s, _ in records(run)] == [1, 2, 3, 4, 5, 6]
+    assert (run / "old_1" / "metrics.jsonl").read_text().endswith('{"step": 2, "lo')
+
+
+def test_a_bad_init_from_moves_nothing_and_leaves_no_lock(tiny_config, tmp_path, capsys, data_dir):
+    """--train.resume=false with an init_from whose weights are missing: exit 2 in one line, the
+    previous run's files where they were, and the directory free for the next trainer."""
+    from gptfast import hf
+    from gptfast.config import ModelConfig
+
+    Trainer(tiny_config(), log=quiet).run()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf.hf_config_of(ModelConfig(n_layer=2, n_head=2, n_embd=32,
+                                                                                block_size=32))))
+    argv = [str(REPO / "configs" / "cpu_smoke.toml"), *tiny_overrides(data_dir, tmp_path / "run"), "--train.resume=false",
+            f'--train.init_from="{folder}"']
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_error_line(err, "neither model.safetensors nor pytorch_model.bin")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert Trainer(tiny_config(), log=quiet).step == 6  # the lock was released; the run resumes as before
+
+
+def test_a_run_that_fails_before_it_starts_leaves_no_directory(tiny_config, tmp_path, monkeypatch):
+    from gptfast import trainer as trainer_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer_module, "build_scheduled_optimizer", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(tiny_config(out_dir=tmp_path / "new"), log=quiet)
+    assert not (tmp_path / "new").exists()
+
+
 def run_cli(argv, capsys):
     code = train_main(argv)
     return code, capsys.readouterr().err
