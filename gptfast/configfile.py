@@ -71,6 +71,11 @@ def _section_from_dict(cls, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
+            elsewhere = [name for name, other in SECTION_TYPES.items()
+                         if other is not cls and key in {f.name for f in dataclasses.fields(other)}]
+            if elsewhere:  # the right key in the wrong section: name the section it lives in
+                raise ConfigError(f"{where}{_shown(key)}: unknown key here; it is a key of [{elsewhere[0]}]: "
+                                  f"{elsewhere[0]}.{key}")
             raise ConfigError(f"{where}{_shown(key)}: unknown key{suggest(key, names)}")
         doc = cls.__dataclass_fields__[key].metadata.get("doc", "")
         try:

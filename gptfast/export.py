@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptfast.export", description=__doc__)
     parser.add_argument("checkpoint", help="a ckpt_<step>.pt file, or a run directory (its newest checkpoint)")
     parser.add_argument("out_dir", help="directory to write config.json and model.safetensors into")
+    parser.add_argument("--force", action="store_true", help="replace an existing export in out_dir")
     args = parser.parse_args(argv)
 
     def export():
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
         state = load_checkpoint(args.checkpoint)
         cfg = config_from_dict(state["config"], f"{state['path']} (config)")
-        out = export_hf(state["model"], cfg.model, args.out_dir)
+        out = export_hf(state["model"], cfg.model, args.out_dir, force=args.force)
         print(f"exported {state['path']} (step {state['step']}) to {out}")
 
     return run_cli(export)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -164,11 +165,13 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     }
 
 
-def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+              force: bool = False) -> Path:
     """Write config.json and model.safetensors that GPT2LMHeadModel.from_pretrained loads. A model
     trained without biases is written with zero biases: the same function. Only OpenAI's
     architecture (model.arch = "gpt2") has a Hugging Face GPT-2 to become; anything else is
-    refused before a file is written."""
+    refused before a file is written. The directory appears whole or not at all (written beside
+    it, then renamed into place); an existing one is replaced only with `force`."""
     from safetensors.torch import save_file
 
     if cfg.arch != "gpt2":
@@ -177,7 +180,11 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: s
                               "equivalent; gptfast's own checkpoint runs as it is in `python -m gptfast.sample` "
                               "and `python -m gptfast.eval`")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export: {out} is a file, not a directory; name a directory to export into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"export: {out} already holds files (an earlier export?); pass --force to replace "
+                              "it, or name a new directory")
     tensors: dict[str, torch.Tensor] = {}
     for key, value in model_state.items():
         if not key.startswith("transformer."):
@@ -194,9 +201,22 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: s
                                ("attn.c_proj", cfg.n_embd), ("mlp.c_fc", 4 * cfg.n_embd), ("mlp.c_proj", cfg.n_embd)):
                 tensors.setdefault(f"transformer.h.{i}.{name}.bias", torch.zeros(size))
         tensors.setdefault("transformer.ln_f.bias", torch.zeros(cfg.n_embd))
-    tmp = out / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, default_file_mode())  # safetensors creates its file 0600; config.json beside it is 0644
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config_of(cfg), indent=2) + "\n")
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(staging / "model.safetensors", default_file_mode())  # safetensors writes 0600; config.json is 0644
+        (staging / "config.json").write_text(json.dumps(hf_config_of(cfg), indent=2) + "\n")
+        if out.exists():
+            os.replace(out, replaced)
+        os.replace(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if replaced.exists() and not out.exists():
+            os.replace(replaced, out)  # put the earlier export back
+        raise CheckpointError(f"export to {out} failed: {e.strerror or e}; {out} is as it was") from None
+    shutil.rmtree(replaced, ignore_errors=True)
     return out

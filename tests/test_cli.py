@@ -59,3 +59,37 @@ def test_export_writes_files_with_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert modes == {"config.json": 0o666 & ~mask, "model.safetensors": 0o666 & ~mask}
+
+
+def test_export_is_whole_or_nothing_and_never_overwrites_silently(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from gptfast.config import ModelConfig
+    from gptfast.errors import CheckpointError
+    from gptfast.hf import export_hf
+    from gptfast.model import GPT
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    state = GPT(cfg).state_dict()
+    out = export_hf(state, cfg, tmp_path / "exported")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match="already holds files .*pass --force"):
+        export_hf(state, cfg, out)
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):
+        export_hf(state, cfg, out / "config.json")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device; .* is as it was"):
+        export_hf(state, cfg, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no half-written folder beside it
+    monkeypatch.undo()
+    torch_state = {k: v + 1 for k, v in state.items()}
+    export_hf(torch_state, cfg, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]

@@ -35,6 +35,11 @@ def test_typo_names_file_key_and_suggestion(tmp_path):
     assert "run.toml" in msg and "model.n_layr" in msg and "did you mean 'n_layer'" in msg
 
 
+def test_a_key_in_the_wrong_section_names_its_section(tmp_path):
+    msg = error_of(tmp_path, "[train]\nlr = 1e-3\n")
+    assert "run.toml" in msg and "train.lr" in msg and "it is a key of [optim]: optim.lr" in msg
+
+
 def test_unknown_section_suggests(tmp_path):
     msg = error_of(tmp_path, "[optimizer]\nlr = 1.0\n")
     assert "[optimizer]" in msg and "did you mean 'optim'" in msg
