@@ -4,6 +4,7 @@ as every logger receives them, and their lines of text."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable
 
@@ -29,15 +30,26 @@ def _fmt(value: float | None, spec: str) -> str:
     return "nan" if value is None else format(value, spec)
 
 
+def resident_memory_bytes() -> int | None:
+    """This process's resident memory (Linux: /proc/self/statm), or None where it cannot be read."""
+    try:
+        resident_pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def format_step(record: dict, max_steps: int) -> str:
     """The log line of a step record (see Trainer.run for its keys)."""
     parts = [f"step {record['step']}/{max_steps}", f"loss {_fmt(record['loss'], '.4f')}",
              f"lr {record['lr']:.2e}", f"grad norm {_fmt(record['grad_norm'], '.3f')}",
-             f"{record['tokens_per_second']:,.0f} tok/s"]
+             f"{record['step_ms']:,.0f} ms/step", f"{record['tokens_per_second']:,.0f} tok/s"]
     if record["mfu"] is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     if record["peak_memory_bytes"] is not None:
         parts.append(f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+    elif record.get("resident_memory_bytes") is not None:  # the CPU: the process's memory
+        parts.append(f"rss {record['resident_memory_bytes'] / 2**30:.2f} GiB")
     parts.append(f"eta {format_duration(record['eta_seconds'])}")
     if record["skipped_steps"]:
         parts.append(f"skipped {record['skipped_steps']}")
@@ -58,6 +70,7 @@ class RunMetrics:
         self.first_step = first_step  # this session's: its first step holds compilation and warm-up
         self.start = self._last_time = time.perf_counter()
         self._last_step = first_step
+        self._eta_origin: tuple[float, int] | None = None  # (time, step) of the session's first record
         self.rates: list[float] = []  # tokens/s of the records after the session's first step
         self.utilisations: list[float] = []
         self.train_loss: float | None = None  # of the last recorded step
@@ -76,6 +89,12 @@ class RunMetrics:
         previous = self._last_step
         step_time = (now - self._last_time) / (step - previous)
         self._last_time, self._last_step = now, step
+        # The ETA follows the mean step time since the session's first record (its first step holds
+        # compilation and warm-up), not the last interval alone, which swings with every pause.
+        if self._eta_origin is None:
+            self._eta_origin = (now, step)
+        origin_time, origin_step = self._eta_origin
+        mean_step_time = (now - origin_time) / (step - origin_step) if step > origin_step else step_time
         tokens_per_second = (self.cfg.tokens_before(step) - self.cfg.tokens_before(previous)) / (step - previous) / step_time
         self.train_loss = loss
         record = {
@@ -83,7 +102,8 @@ class RunMetrics:
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(self.flops_per_token(step - 1), tokens_per_second, self.peak_flops),
             "peak_memory_bytes": self._peak_memory(),
-            "eta_seconds": step_time * (self.cfg.train.max_steps - step), "skipped_steps": skipped_steps,
+            "step_ms": 1000 * step_time, "resident_memory_bytes": resident_memory_bytes(),
+            "eta_seconds": mean_step_time * (self.cfg.train.max_steps - step), "skipped_steps": skipped_steps,
             "tokens": self.cfg.tokens_before(step), "tokens_per_step": self.cfg.tokens_at(step - 1),
             "elapsed_seconds": train_seconds,
         }

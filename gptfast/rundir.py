@@ -102,6 +102,16 @@ class RunDir:
 
     # -- files -----------------------------------------------------------------------------------
 
+    def write_sample(self, step: int, text: str) -> Path:
+        """The end-of-run sample, kept as sample_<step>.txt beside the checkpoint it came from."""
+        path = self.path / f"sample_{step:08d}.txt"
+        data = text.encode()
+        try:
+            atomic_write(path, lambda f: f.write(data))
+        except OSError as e:
+            raise self._write_failed(path, e) from None
+        return path
+
     def write_config(self, text: str) -> None:
         data = text.encode()
         try:

@@ -291,7 +291,9 @@ class Trainer:
             distributed.barrier(self.dist)
             if t.sample_tokens and self.dist.main:
                 text = self.sample(t.sample_tokens)
-                self.log(f"sample ({t.sample_tokens} tokens):\n{text}")
+                path = self.run_dir.write_sample(self.step, text)
+                self._record({"event": "sample", "step": self.step, "sample_tokens": t.sample_tokens, "text": text})
+                self.log(f"sample ({t.sample_tokens} tokens, kept in {path}):\n{text}")
         summary = self.metrics.summary(self.state, self.target_reached, checkpoint)
         return TrainResult(self.step, self.metrics.train_loss, self.state.val_loss, text, stopped=stopped,
                            checkpoint=checkpoint, summary=summary)

@@ -40,3 +40,22 @@ def test_elapsed_and_tokens_are_recorded_with_each_step(tiny_config, tmp_path):
     assert [r["tokens"] for r in steps] == [s * 256 for s in range(1, 7)]
     elapsed = [r["elapsed_seconds"] for r in steps]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
+
+
+def test_the_step_line_shows_ms_per_step_and_memory_and_a_smoothed_eta(monkeypatch):
+    import torch
+
+    from gptfast import metrics
+    from gptfast.config import Config, TrainConfig
+
+    clock = iter([0.0, 10.0, 11.0, 12.0, 20.0])  # RunMetrics' start, then steps 1-4; a pause before 4
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    records, lines = [], []
+    run = metrics.RunMetrics(Config(train=TrainConfig(max_steps=100, log_interval=1)), records.append, lines.append,
+                             lambda step: 1.0, None, torch.device("cpu"), first_step=0)
+    for step in range(1, 5):
+        run.step(step, 3.0, 1.0, 1e-3, 0, float(step))
+    last = records[-1]
+    assert last["step_ms"] == 8000.0  # the last interval, as it was
+    assert last["eta_seconds"] == pytest.approx(96 * (20.0 - 10.0) / 3)  # the session's mean since its first record
+    assert "8,000 ms/step" in lines[-1] and "rss " in lines[-1] and last["resident_memory_bytes"] > 2**20

@@ -129,6 +129,14 @@ def test_a_run_that_fails_before_it_starts_leaves_no_directory(tiny_config, tmp_
     assert not (tmp_path / "new").exists()
 
 
+def test_the_end_of_run_sample_is_kept_in_the_run_directory(tiny_config, tmp_path):
+    result = Trainer(tiny_config({"train.sample_tokens": 8}), log=quiet).run()
+    kept = (tmp_path / "run" / "sample_00000006.txt").read_text()
+    assert kept == result.sample and kept
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows if r.get("event") == "sample"] == [kept]
+
+
 def run_cli(argv, capsys):
     code = train_main(argv)
     return code, capsys.readouterr().err
@@ -213,7 +221,7 @@ def test_cpu_smoke_end_to_end(tmp_path):
            "--train.checkpoint_interval=20", "--train.eval_interval=20"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert "preparing dataset 'stdlib'" in run.stdout and "sample (48 tokens)" in run.stdout
+    assert "preparing dataset 'stdlib'" in run.stdout and "sample (48 tokens, kept in" in run.stdout
     losses = [loss for _, loss in records(out)]
     assert losses[0] > losses[-1] + 2.0, losses  # from ~10.8 at init, visibly falling
     again = subprocess.run(cmd[:4] + ["--train.max_steps=50"] + cmd[5:], capture_output=True, text=True, timeout=600)
