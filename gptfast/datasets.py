@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
     if problem := dataset_name_problem(name):
         raise DataError(f"dataset name: {problem}")
     out = Path(out_root) / name
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -189,13 +191,20 @@ def prepare_dataset(name: str, documents: Iterable[Document], out_root: str | Pa
     lock = lock_dataset(out, exclusive=True)  # not while a training job reads these files
     try:
         return _prepare_locked(name, documents, out, recipe, total, val_fraction, split_by_tokens, log, fingerprint)
+    except OSError as e:  # a full disk, say: the new files are gone, an earlier dataset is as it was
+        raise DataError(f"preparing dataset '{name}' in {out} failed: {e.strerror or e}; "
+                        + ("nothing was kept" if created else "the dataset there is as it was")) from None
     finally:
         if lock is not None:
             lock.close()
+        if created and not (out / "meta.json").exists():  # a failed first prepare leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def _prepare_locked(name, documents, out, recipe, total, val_fraction, split_by_tokens, log, fingerprint) -> Path:
-    (out / "meta.json").unlink(missing_ok=True)  # the folder is unfinished until meta.json returns
+    """Tokenise into temporary files beside the dataset; an earlier dataset stays whole and
+    readable until the new files replace it (meta.json last: its token counts tie the files to
+    it, so a kill between the renames is reported by the loader, never read silently)."""
     enc = get_tokenizer()
     eot = enc.eot_token
     log(f"preparing dataset '{name}' ({recipe}): {f'{total:,} documents' if total else 'streaming'} -> {out}")
@@ -214,12 +223,16 @@ def _prepare_locked(name, documents, out, recipe, total, val_fraction, split_by_
         empty = "val" if counts["val"] == 0 else "train"
         raise DataError(f"dataset '{name}': {n_docs} documents gave an empty {empty} split; "
                         "add documents or change --val-fraction")
-    for split in paths:
-        os.replace(tmp_paths[split], paths[split])
     meta = {"name": name, "recipe": recipe, "tokenizer": "gpt2", "vocab_size": enc.n_vocab,
             "eot_token": eot, "dtype": "uint16", "max_token_id": max_id, "documents": n_docs,
             "train_tokens": counts["train"], "val_tokens": counts["val"], "inputs_fingerprint": fingerprint}
     text = json.dumps(meta, indent=2).encode()
+    try:
+        for split in paths:
+            os.replace(tmp_paths[split], paths[split])
+    finally:
+        for p in tmp_paths.values():
+            p.unlink(missing_ok=True)
     atomic_write(out / "meta.json", lambda f: f.write(text))
     log(f"dataset '{name}': {counts['train']:,} train tokens, {counts['val']:,} val tokens")
     return out

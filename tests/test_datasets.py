@@ -157,3 +157,39 @@ def test_a_dataset_in_use_is_not_overwritten(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".bin", ".json")} == before
     loader.close()
     assert main(["text", "--name", "d", "--input", str(src), "--data-dir", str(tmp_path / "data"), "--force"]) == 0
+
+
+def test_a_full_disk_during_prepare_force_leaves_the_dataset_as_it_was(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from gptfast import datasets
+    from gptfast.prepare import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, " * 400)
+    folder = prepare_recipe("text", tmp_path / "data", name="d", inputs=[str(src)], log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = datasets._tokenise
+
+    def fills_the_disk(documents, tmp_paths, *args):
+        real(documents, tmp_paths, *args)  # the new token files are written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets, "_tokenise", fills_the_disk)
+    src.write_text("other text, " * 400)
+    argv = ["text", "--name", "d", "--input", str(src), "--data-dir", str(tmp_path / "data"), "--force"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device; the dataset there is as it was" in err[0]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no .tmp left, nothing replaced
+    ensure_prepared(DataConfig(dataset="d", data_dir=str(tmp_path / "data")), log=lambda _: None)
+
+
+def test_a_failed_first_prepare_leaves_no_folder(tmp_path, capsys):
+    from gptfast.prepare import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("")  # no tokens: an empty split
+    assert main(["text", "--name", "d", "--input", str(src), "--data-dir", str(tmp_path / "data")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "d").exists()
