@@ -235,6 +235,21 @@ def padded_param_count(m: ModelConfig) -> int:
     return embeddings + m.n_layer * block + norm + scalars
 
 
+def muon_param_count(m: ModelConfig) -> int:
+    """The parameters Muon trains: every block's 2-D matrices (q, k, v, the attention projection,
+    the MLP's two), 12 C^2 a block."""
+    return 12 * m.n_embd ** 2 * m.n_layer
+
+
+def optimizer_state_bytes(cfg: Config, n_params: int) -> dict[str, int]:
+    """The optimizer's own state, by optimizer: AdamW's two fp32 moments (8 B a parameter); under
+    Muon, one fp32 momentum buffer (4 B) for its matrices and AdamW's moments for the rest."""
+    if cfg.optim.name == "muon":
+        muon = muon_param_count(cfg.model)
+        return {"muon momentum": 4 * muon, "adamw moments": 8 * (n_params - muon)}
+    return {"adamw moments": 8 * n_params}
+
+
 @dataclass
 class Prediction:
     micro_batch_size: int
@@ -262,7 +277,7 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     vocab = m.vocab_size
     parts = {
         "weights + grads": 8 * n_params,
-        "adamw moments": 8 * n_params,
+        **optimizer_state_bytes(cfg, n_params),
         "bf16 weight copies": 2 * n_params if act_bytes == 2 else 0,
         "activations": int(per_token * tokens),
         # embedding output + ln_f input (fp32 stream), ln_f output for the head matmul (and
@@ -292,7 +307,15 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     # Backward of one block: gradients of its saved activations, plus a recomputed block's
     # activations when it is recomputed.
     parts["backward transient"] = int(tokens * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
-    if not fused_adamw:
+    if cfg.optim.name == "muon":
+        # Muon's step holds every matrix's fp32 update at once, then per shape one stacked fp32
+        # batch, its fp32 result and about five Newton-Schulz iterates alive at once (bf16 on CUDA,
+        # fp32 on the CPU, as act_bytes): 8 + 5a B per parameter of the largest shape group (q, k,
+        # v and the projections, 4 L C^2). Measured on the CPU (tests/test_memory.py); the bf16
+        # figure is the same count, not yet measured on a GPU.
+        parts["optimizer transient"] = (4 * muon_param_count(m)
+                                        + (8 + 5 * act_bytes) * 4 * m.n_layer * m.n_embd ** 2)
+    elif not fused_adamw:
         parts["optimizer transient"] = 4 * max(p for p in (m.padded_vocab_size * m.n_embd, 4 * m.n_embd ** 2))
     peak = sum(parts.values())
     # Expected speed: recompute cost, and efficiency growing with the tokens per micro-batch as

@@ -192,3 +192,33 @@ def test_padded_param_count_formula_matches_the_model(n_layer, n_head, n_embd, b
     with torch.device("meta"):
         built = sum(p.numel() for p in GPT(cfg).parameters())
     assert padded_param_count(cfg) == built
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_muon_state_and_step_match_the_prediction(arch):
+    """Muon's momentum (4 B per matrix parameter) and AdamW's moments for the rest, counted from the
+    optimizer's own state after a step; and the peak its step adds, measured, within 15% of the
+    planner's "optimizer transient"."""
+    from gptfast.config import OptimConfig
+    from gptfast.memory import optimizer_state_bytes
+    from gptfast.optim import build_optimizer
+
+    cfg = Config(model=ModelConfig.for_arch(arch, n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=101),
+                 optim=OptimConfig(name="muon"))
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    x, y = batch(cfg.model)
+    model(x, y).backward()
+    opt.step()
+    state = {"muon momentum": sum(t.nbytes for s in opt.muon.state.values() for t in s.values() if torch.is_tensor(t)),
+             "adamw moments": sum(t.nbytes for s in opt.adamw.state.values() for t in s.values()
+                                  if torch.is_tensor(t) and t.dim() > 0)}
+    n_params = sum(p.numel() for p in model.parameters())
+    assert state == optimizer_state_bytes(cfg, n_params)
+    params = list(model.parameters())
+    existing = params + [p.grad for p in params] + [t for o in (opt.muon, opt.adamw) for s in o.state.values()
+                                                    for t in s.values() if torch.is_tensor(t)]
+    measured = measure_peak_bytes(opt.muon.step, existing)
+    predicted = predict_peak(cfg, 2, "none", act_bytes=4).parts["optimizer transient"]
+    assert abs(measured - predicted) <= 0.15 * predicted, (measured, predicted)
