@@ -99,6 +99,33 @@ def read_hf_config(folder: Path) -> dict:
     return hf
 
 
+# OpenAI's GPT-2 sizes on the hub, for planning a name that is not on this machine yet (Radford et
+# al. 2019, table 2; the hub's config.json files): (n_layer, n_head, n_embd).
+OPENAI_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+                "gpt2-xl": (48, 25, 1600)}
+
+
+def architecture_of(source: str, dropout: float = 0.0) -> ModelConfig:
+    """init_from's architecture without downloading anything: its config.json where it is on this
+    machine (a directory, or the Hugging Face cache), else OpenAI's published size for its hub name;
+    anything else is a CheckpointError saying how to make it known."""
+    path = Path(source)
+    if path.is_dir():
+        return model_config_from_hf(read_hf_config(path), dropout)
+    if HUB_NAME.fullmatch(source):
+        repo = hub_cache() / ("models--" + source.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+            return model_config_from_hf(read_hf_config(repo / "snapshots" / ref.read_text().strip()), dropout)
+        if source in OPENAI_SIZES:
+            n_layer, n_head, n_embd = OPENAI_SIZES[source]
+            return ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257,
+                               dropout=dropout, bias=True)
+    raise CheckpointError(f"init_from {source!r}: its architecture is not on this machine (no directory with a "
+                          "config.json there, nothing in the Hugging Face cache); download it first, or plan a "
+                          "hub name: --train.init_from='\"gpt2-medium\"' plans OpenAI's published size")
+
+
 def model_config_from_hf(hf: dict, dropout: float) -> ModelConfig:
     return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
                        vocab_size=hf["vocab_size"], dropout=dropout, bias=True)

@@ -20,6 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     def show():
         from gptfast.memory import budget_bytes, format_plan, plan  # after parsing: --help needs no torch
         cfg = load_config(args.config, overrides)
+        if cfg.train.init_from:  # the model trained is init_from's, whatever [model] says
+            import dataclasses
+
+            from gptfast.hf import architecture_of
+
+            model = architecture_of(cfg.train.init_from, cfg.model.dropout)
+            cfg = dataclasses.replace(cfg, model=model)
+            print(f"planning init_from {cfg.train.init_from!r}: {model.n_layer} layers, {model.n_head} heads, "
+                  f"{model.n_embd} wide, context {model.block_size}")
         format_plan(plan(cfg, budget_bytes(args.budget, "--budget"), act_bytes=4 if args.fp32 else 2))
 
     return run_cli(show)

@@ -222,3 +222,28 @@ def test_muon_state_and_step_match_the_prediction(arch):
     measured = measure_peak_bytes(opt.muon.step, existing)
     predicted = predict_peak(cfg, 2, "none", act_bytes=4).parts["optimizer transient"]
     assert abs(measured - predicted) <= 0.15 * predicted, (measured, predicted)
+
+
+def test_the_planner_plans_the_model_init_from_names(tmp_path, capsys, monkeypatch):
+    """finetune_medium_4070.toml's architecture is init_from's: its config.json when it is here,
+    OpenAI's published size for a hub name, else one line saying so (exit 2)."""
+    import json
+
+    from gptfast import hf
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    config = str(REPO / "configs" / "finetune_medium_4070.toml")
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf.hf_config_of(ModelConfig(n_layer=20, n_head=16, n_embd=1024))))
+    assert plan_main([config, "--budget", "12GiB", f'--train.init_from="{folder}"']) == 0
+    out = capsys.readouterr().out
+    assert "20 layers, 16 heads, 1024 wide" in out
+    medium = predict_peak(load_config(config, ['--train.init_from=""', "--model.n_layer=24", "--model.n_head=16",
+                                               "--model.n_embd=1024", "--model.bias=true"]), 4, "selective")
+    assert plan_main([config, "--budget", "12GiB", '--train.init_from="gpt2-medium"']) == 0
+    out = capsys.readouterr().out
+    assert "24 layers, 16 heads, 1024 wide" in out and f"{medium.peak_bytes / 2**30:.2f} GiB" in out
+    assert plan_main([config, "--budget", "12GiB"]) == 2  # checkpoints/gpt2-medium is not here
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its architecture is not on this machine" in err[0]
