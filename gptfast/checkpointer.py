@@ -10,6 +10,7 @@ checksums, unhealthy markers, rotation) is `gptfast.checkpoint`'s.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -20,7 +21,8 @@ from gptfast import checkpoint as ckpt
 from gptfast.config import Config
 from gptfast.configfile import config_changes
 from gptfast.device import DistInfo
-from gptfast.errors import CheckpointError, ConfigError
+from gptfast.errors import CheckpointError, ConfigError, RunDirError
+from gptfast.memory import format_bytes, optimizer_state_bytes
 from gptfast.rundir import RunDir
 
 
@@ -63,8 +65,30 @@ class Checkpointer:
 
     # -- writing ---------------------------------------------------------------------------------
 
+    def expected_bytes(self) -> int:
+        """A checkpoint's size, known before step 1: the model's tensors (shared ones once) and the
+        optimizer's state (AdamW's two moments; Muon's one momentum for the block matrices)."""
+        tensors = {t.untyped_storage().data_ptr(): t.nbytes for t in self.parts["model"].state_dict().values()}
+        n_params = sum(p.numel() for p in self.parts["model"].parameters())
+        return sum(tensors.values()) + sum(optimizer_state_bytes(self.cfg, n_params).values())
+
+    def check_free_space(self, before: str) -> None:
+        """RunDirError when out_dir's file system cannot hold one more checkpoint (rotation removes
+        the oldest only after the new one is written), said before anything is trained for it."""
+        if not self.dist.main:
+            return
+        need = int(self.expected_bytes() * 1.05) + 2**20
+        free = shutil.disk_usage(self.run_dir.path).free
+        if free < need:
+            newest = self.newest_healthy()
+            raise RunDirError(
+                f"train.out_dir {str(self.run_dir.path)!r} has {format_bytes(free)} free, but a checkpoint needs about "
+                f"{format_bytes(need)} ({before}); free some space or set train.out_dir elsewhere"
+                + (f"; the newest healthy checkpoint is {newest}" if newest else "; nothing was trained"))
+
     def save(self, healthy: bool) -> Path:
         """The checkpoint of this step, marked unhealthy when the run is not healthy."""
+        self.check_free_space(f"before the checkpoint of step {self.state.step}")
         if healthy:
             finite = torch.stack([torch.isfinite(p).all() for p in self.parts["model"].parameters()]).all()
             # the health guard judged the parameter norm after the last update, so this cannot fail

@@ -44,3 +44,40 @@ def test_a_checkpoint_of_another_world_size_is_refused(tiny_config):
     blob.update(world_size=2, path="ckpt")
     with pytest.raises(CheckpointError, match="written by a run of 2 processes"):
         trainer.checkpointer.check_resumable(blob)
+
+
+def test_a_disk_too_full_for_a_checkpoint_is_found_before_step_1(tiny_config, tmp_path, monkeypatch):
+    """The checkpoint's size is known before training: a file system that cannot hold one stops
+    the run before step 1 (one line, nothing trained, no run directory left), and a disk that
+    fills during the run stops it before the write, naming the newest healthy checkpoint."""
+    import collections
+    import shutil
+
+    from gptfast import checkpointer
+    from gptfast.errors import RunDirError
+    from gptfast.trainer import Trainer
+
+    usage = collections.namedtuple("usage", "total used free")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**5, 10**5))
+    with pytest.raises(RunDirError, match=r"has 0.1 MiB free, but a checkpoint needs about .*before training "
+                                          r"starts.*nothing was trained"):
+        Trainer(tiny_config(), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+    monkeypatch.setattr(checkpointer.shutil, "disk_usage", real_usage)
+    trainer = Trainer(tiny_config({"train.checkpoint_interval": 3}), log=lambda _: None)
+    expected = trainer.checkpointer.expected_bytes()
+    real_save = trainer.checkpointer.save
+    saved = []
+
+    def save(healthy):
+        if saved:  # the disk is full by the second checkpoint
+            monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**5, 10**5))
+        saved.append(real_save(healthy))
+        return saved[-1]
+
+    trainer.checkpointer.save = save
+    with pytest.raises(RunDirError, match=r"before the checkpoint of step 6.*newest healthy checkpoint is .*ckpt_00000003"):
+        trainer.run()
+    assert abs(saved[0].stat().st_size - expected) < 0.1 * expected  # the estimate is the checkpoint's size
