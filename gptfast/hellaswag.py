@@ -114,13 +114,18 @@ def ending_losses(logits_fn, batch: list[tuple[list[int], int]], device: torch.d
 
 
 def evaluate(logits_fn, items: Iterable[Item], enc, block_size: int, device: torch.device, batch_items: int = 8,
-             log: Callable[[str], None] = print, progress_seconds: float = 10.0) -> dict:
-    """{"acc", "acc_norm", "items", "predictions" (acc_norm's choice per item)}."""
+             log: Callable[[str], None] = print, progress_seconds: float = 10.0,
+             should_stop: Callable[[], bool] = lambda: False) -> dict | None:
+    """{"acc", "acc_norm", "items", "predictions" (acc_norm's choice per item)}; None when
+    `should_stop()` turned true between batches (a stop request must not wait for 10,042 items)."""
     items = list(items)
     correct = correct_norm = 0
     predictions = []
     progress = Progress(len(items), "hellaswag: item", log, after=progress_seconds)
     for start in range(0, len(items), batch_items):
+        if should_stop():
+            progress.close()
+            return None
         chunk = items[start:start + batch_items]
         rows = []
         for item in chunk:
@@ -141,7 +146,8 @@ def evaluate(logits_fn, items: Iterable[Item], enc, block_size: int, device: tor
 
 @torch.no_grad()
 def evaluate_model(model, autocast_context: Callable, items: list[Item], device: torch.device,
-                   log: Callable[[str], None], progress_seconds: float) -> dict:
+                   log: Callable[[str], None], progress_seconds: float,
+                   should_stop: Callable[[], bool] = lambda: False) -> dict | None:
     """`evaluate` on a training model, as the trainer runs it between steps: in eval mode, under
     the run's autocast, and with its blocks uncompiled (items vary in length: no recompilation)."""
     from gptfast.tokenizer import get_tokenizer
@@ -154,7 +160,7 @@ def evaluate_model(model, autocast_context: Callable, items: list[Item], device:
 
     try:
         return evaluate(logits, items, get_tokenizer(), model.config.block_size, device, log=log,
-                        progress_seconds=progress_seconds)
+                        progress_seconds=progress_seconds, should_stop=should_stop)
     finally:
         model.train()
 

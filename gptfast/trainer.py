@@ -119,7 +119,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist, self.device,
                                          {"model": self.model, "optimizer": self.optimizer, "health": self.health},
                                          self.state, self.log)
-        self.checkpointer.check_free_space("before training starts")  # not at the first checkpoint, trained for        self.target_reached: dict | None = None  # when train.target_val_loss was reached
+        self.checkpointer.check_free_space("before training starts")  # not at the first checkpoint, trained for
+        self.target_reached: dict | None = None  # when train.target_val_loss was reached
         self.skipped_steps = 0  # all steps skipped as unhealthy since this process started
         self.stop_requested = False  # set by a signal handler: finish the step, checkpoint, return
         self.doc_fraction = self._doc_mask_fraction()
@@ -267,18 +268,23 @@ class Trainer:
         """Val loss and HellaSwag when due (rank 0); whether the target was reached now (every rank)."""
         t = self.cfg.train
         evaluated = self.step % t.eval_interval == 0 or done
-        if evaluated and self.dist.main:
-            self.state.evaluated(self.evaluate())
+        val_loss = self.evaluate() if evaluated and self.dist.main else None
+        if evaluated and self.dist.main and val_loss is None:
+            self.log(f"step {self.step} | evaluation stopped by the stop request: not recorded")
+        if val_loss is not None:
+            self.state.evaluated(val_loss)
             self.metrics.evaluation(self.step, self.state.val_loss, self.state.train_seconds)
             if t.target_val_loss and self.state.val_loss <= t.target_val_loss and self.target_reached is None:
                 gpus = self.dist.world_size if self.device.type == "cuda" else None
                 self.target_reached = self.metrics.target_reached(self.step, self.state.val_loss,
                                                                   self.state.train_seconds, gpus)
         interval = self.cfg.eval.hellaswag_interval
-        if interval and (self.step % interval == 0 or done) and self.dist.main:
+        if interval and (self.step % interval == 0 or done) and self.dist.main and not self.stop_requested:
             result = evaluate_model(self.model, lambda: autocast(self.device, self.amp_dtype), self.hellaswag_items,
-                                    self.device, self.log, self.cfg.log.progress_seconds)
-            self.metrics.hellaswag(self.step, result)
+                                    self.device, self.log, self.cfg.log.progress_seconds,
+                                    should_stop=lambda: self.stop_requested)
+            if result is not None:
+                self.metrics.hellaswag(self.step, result)
         if not (t.target_val_loss and evaluated):
             return False
         reached_now = self.target_reached is not None and self.target_reached["step"] == self.step
@@ -313,14 +319,19 @@ class Trainer:
     # -- evaluation and sampling -----------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Mean loss over the fixed val batches (the same windows at every evaluation), with one
-        host read at the end."""
+        host read at the end; None when a stop request came during it (a signal must not wait
+        for thousands of batches: schedulers kill ~30 s after SIGTERM)."""
         self.model.eval()
         steps = self.cfg.train.eval_steps
         total = torch.zeros((), device=self.device)
         progress = Progress(steps, "evaluation: batch", self.log, after=self.cfg.log.progress_seconds)
         for i in range(steps):
+            if self.stop_requested:
+                progress.close()
+                self.model.train()
+                return None
             x, y = self.loader.batch("val", step=i)
             with autocast(self.device, self.amp_dtype):
                 total += self.eval_model(x, y).float()

@@ -251,3 +251,41 @@ def test_values_that_would_crash_later_are_one_error_line(tmp_path, capsys, data
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not out.exists()
+
+
+def test_a_stop_request_during_an_evaluation_is_honoured_within_a_batch(tiny_config, tmp_path):
+    """SIGTERM while a long evaluation runs (schedulers kill ~30 s later): the evaluation stops at
+    its next batch, unrecorded, and the run checkpoints the last completed step and says stopped."""
+    trainer = Trainer(tiny_config({"train.eval_steps": 500, "train.eval_interval": 2, "train.max_steps": 10}),
+                      log=quiet)
+    forward = trainer.eval_model
+    calls = []
+
+    def evaluating(idx, targets=None):
+        calls.append(trainer.step)
+        if len(calls) == 3:
+            trainer.stop_requested = True  # the signal handler's doing, during the step-2 evaluation
+        return forward(idx, targets)
+
+    trainer.eval_model = evaluating
+    result = trainer.run()
+    assert result.stopped and result.step == 2 and len(calls) == 3  # not 500 batches
+    rows = [json.loads(line) for line in (trainer.run_dir.path / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "val_loss" in r]
+    assert ckpt.latest_checkpoint(trainer.run_dir.path, healthy_only=True).name == "ckpt_00000002.pt"
+
+
+def test_hellaswag_stops_between_batches_when_asked():
+    from gptfast.hellaswag import Item, evaluate
+    from gptfast.tokenizer import get_tokenizer
+
+    items = [Item(context="A man is", endings=[" here", " there", " gone", " home"], label=0)] * 40
+    seen = []
+
+    def logits(ids):
+        seen.append(ids.size(0))
+        return torch.zeros(ids.size(0), ids.size(1), 50257)
+
+    assert evaluate(logits, items, get_tokenizer(), 64, torch.device("cpu"), should_stop=lambda: len(seen) >= 2) is None
+    assert len(seen) == 2
+    assert evaluate(logits, items[:8], get_tokenizer(), 64, torch.device("cpu"))["items"] == 8
