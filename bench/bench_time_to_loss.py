@@ -310,6 +310,23 @@ def _train2_job(job: tuple):
     return train2(*job)
 
 
+def round1_target_summary(runs: dict) -> dict:
+    """The harder target: round 1's (modern's) mean final val loss. Per run, the tokens to it (None:
+    never reached) and, per recipe or ablation, the mean over seeds of those tokens / modern's
+    (a run that never reaches it counts its whole run, so a ratio is then a lower bound)."""
+    target = statistics.mean(r["final"] for r in runs["modern"])
+
+    def tokens(run):
+        reached = tokens_to(run["curve"], target)
+        return reached, reached if reached is not None else run["curve"][-1][0]
+
+    modern = statistics.mean(tokens(r)[1] for r in runs["modern"])
+    return {"round1_target_val_loss": target,
+            "tokens_to_round1_target": {name: [tokens(r)[0] for r in seeds] for name, seeds in runs.items()},
+            "tokens_to_round1_target_over_modern": {name: statistics.mean(tokens(r)[1] for r in seeds) / modern
+                                                    for name, seeds in runs.items()}}
+
+
 def test_round2_tokens_to_loss(benchmark, record, request, device_info, round2_corpus, tmp_path):
     mode = request.config.getoption("--time-to-loss")
     protocol = ROUND2 if mode == "round2" else ROUND2_QUICK
@@ -374,6 +391,7 @@ def test_round2_tokens_to_loss(benchmark, record, request, device_info, round2_c
         "tokens_over_adamw": ratios, "mean_ratio": {name: statistics.mean(r) for name, r in ratios.items()},
         "tokens_over_modern": {name: statistics.mean(tokens_to(r["curve"], target) or float("inf")
                                                      for r in runs[name]) / modern_tokens for name in ratios},
+        **round1_target_summary(runs),
         "wall_minutes": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60,
         "curves": {name: [r["curve"] for r in seeds] for name, seeds in runs.items()},
         "corpus": json.loads((data / "corpus2" / "meta.json").read_text()),
