@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from gptfast.arch import ModelConfig
+from gptfast.arch import WINDOW_MULTIPLE, ModelConfig
 from gptfast.errors import ConfigError
 from gptfast.fields import Fail, check_choice, doc_field, suggest
 
@@ -192,8 +192,9 @@ class TrainConfig:
             if not self.batch_warmup_steps:
                 fail("train.batch_warmup_steps", "must be positive with train.grad_accum_start (the steps over "
                                                  "which the batch grows)")
-        if self.window_start < 0 or self.window_start % 64:
-            fail("train.window_start", f"must be 0 or a positive multiple of 64 tokens, got {self.window_start}")
+        if self.window_start < 0 or self.window_start % WINDOW_MULTIPLE:
+            fail("train.window_start", f"must be 0 or a positive multiple of {WINDOW_MULTIPLE} tokens, "
+                                       f"got {self.window_start}")
         if self.memory_budget:
             try:
                 parse_bytes(self.memory_budget)
@@ -312,7 +313,7 @@ class Config:
         if not start or step >= last:
             return final
         grown = start + (final - start) * step / last
-        return max(start, int(grown) // 64 * 64)
+        return max(start, int(grown) // WINDOW_MULTIPLE * WINDOW_MULTIPLE)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

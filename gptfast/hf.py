@@ -39,6 +39,16 @@ def hub_cache() -> Path:
     return Path(home) / "hub"
 
 
+def cached_snapshot(source: str, files: tuple[str, ...]) -> Path | None:
+    """The Hugging Face cache's current snapshot of hub name `source` when it holds `files`."""
+    repo = hub_cache() / ("models--" + source.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = repo / "snapshots" / ref.read_text().strip()
+    return snapshot if all((snapshot / name).is_file() for name in files) else None
+
+
 def resolve_source(source: str, log=print) -> Path:
     """init_from as a directory: a local Hugging Face GPT-2 directory as given, or a hub name
     ("gpt2", "gpt2-medium", "org/name") found in the Hugging Face cache, or, online, downloaded
@@ -47,11 +57,9 @@ def resolve_source(source: str, log=print) -> Path:
     if path.is_dir() or "/" in source and path.exists() or not HUB_NAME.fullmatch(source):
         return path
     repo = hub_cache() / ("models--" + source.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo / "snapshots" / ref.read_text().strip()
-        if all((snapshot / name).is_file() for name in HUB_FILES):
-            return snapshot
+    snapshot = cached_snapshot(source, HUB_FILES)
+    if snapshot is not None:
+        return snapshot
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise CheckpointError(f"init_from {source!r}: not a local directory, and not in the Hugging Face cache "
                               f"({repo} lacks {' and '.join(HUB_FILES)}); HF_HUB_OFFLINE is set, so nothing is "
@@ -70,6 +78,7 @@ def resolve_source(source: str, log=print) -> Path:
             except DataError as e:
                 raise CheckpointError(f"init_from {source!r}: not a local directory, not in the Hugging Face cache "
                                       f"({repo}), and the download failed: {e}") from None
+    ref = repo / "refs" / "main"
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text("main")
     return snapshot
@@ -113,10 +122,9 @@ def architecture_of(source: str, dropout: float = 0.0) -> ModelConfig:
     if path.is_dir():
         return model_config_from_hf(read_hf_config(path), dropout)
     if HUB_NAME.fullmatch(source):
-        repo = hub_cache() / ("models--" + source.replace("/", "--"))
-        ref = repo / "refs" / "main"
-        if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
-            return model_config_from_hf(read_hf_config(repo / "snapshots" / ref.read_text().strip()), dropout)
+        snapshot = cached_snapshot(source, ("config.json",))
+        if snapshot is not None:
+            return model_config_from_hf(read_hf_config(snapshot), dropout)
         if source in OPENAI_SIZES:
             n_layer, n_head, n_embd = OPENAI_SIZES[source]
             return ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257,

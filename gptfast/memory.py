@@ -289,7 +289,8 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
         parts["round-2 streams"] = int(tokens * round2_bytes_per_token(m, policy, act_bytes))
     if m.masked_attention and not cfg.kernels.flex_attention:
         # SDPA's dense mask: the bool (B or 1, 1, T, T) once, and in each block that keeps its
-        # activations, the fp32 additive mask SDPA converts it into (measured on the CPU path)
+        # activations, the fp32 additive mask SDPA converts it into (measured on the CPU, which
+        # trains in fp32; kernels.flex_attention = false on CUDA is not measured)
         mask_batch = micro_batch_size if m.doc_mask else 1
         kept_blocks = m.n_layer - recomputed
         parts["attention mask"] = mask_batch * m.block_size ** 2 * (1 + 4 * kept_blocks)

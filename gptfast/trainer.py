@@ -127,6 +127,10 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(doc_fraction=self.doc_fraction)
         self.peak_flops = peak_bf16_flops(device_name(self.device)) if self.device.type == "cuda" else None
 
+    def _flops_at(self, step: int) -> int:
+        """Training FLOPs per token of optimizer step `step`: of its attention window."""
+        return self.model.flops_per_token(self.cfg.window_at(step), self.doc_fraction)
+
     def _doc_mask_fraction(self) -> float:
         """The share of causal (query, key) pairs the document mask keeps, over the first 8 train
         micro-batches at the final window: the attention FLOPs it leaves are counted from it."""
@@ -240,8 +244,7 @@ class Trainer:
         self.model.train()
         announce(self.log, self.step, t.max_steps, self.flops_per_token,
                  self.cfg.tokens_before(t.max_steps) - self.cfg.tokens_before(self.step), self.device, self.peak_flops)
-        window_flops = lambda step: self.model.flops_per_token(self.cfg.window_at(step), self.doc_fraction)  # noqa: E731
-        self.metrics = RunMetrics(self.cfg, self._record, self.log, window_flops, self.peak_flops,
+        self.metrics = RunMetrics(self.cfg, self._record, self.log, self._flops_at, self.peak_flops,
                                   self.device, first_step=self.step)
         checkpoint, reached = None, False
         while self.step < t.max_steps:
