@@ -80,11 +80,10 @@ class Checkpointer:
         need = int(self.expected_bytes() * 1.05) + 2**20
         free = shutil.disk_usage(self.run_dir.path).free
         if free < need:
-            newest = self.newest_healthy()
             raise RunDirError(
                 f"train.out_dir {str(self.run_dir.path)!r} has {format_bytes(free)} free, but a checkpoint needs about "
-                f"{format_bytes(need)} ({before}); free some space or set train.out_dir elsewhere"
-                + (f"; the newest healthy checkpoint is {newest}" if newest else "; nothing was trained"))
+                f"{format_bytes(need)} ({before}); free some space or set train.out_dir elsewhere; "
+                + ckpt.intact_note(self.run_dir.path))
 
     def save(self, healthy: bool) -> Path:
         """The checkpoint of this step, marked unhealthy when the run is not healthy."""

@@ -61,7 +61,7 @@ def test_a_disk_too_full_for_a_checkpoint_is_found_before_step_1(tiny_config, tm
     real_usage = shutil.disk_usage
     monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**5, 10**5))
     with pytest.raises(RunDirError, match=r"has 0.1 MiB free, but a checkpoint needs about .*before training "
-                                          r"starts.*nothing was trained"):
+                                          r"starts.*no healthy checkpoint was written yet"):
         Trainer(tiny_config(), log=lambda _: None)
     assert not (tmp_path / "run").exists()
 
@@ -78,6 +78,6 @@ def test_a_disk_too_full_for_a_checkpoint_is_found_before_step_1(tiny_config, tm
         return saved[-1]
 
     trainer.checkpointer.save = save
-    with pytest.raises(RunDirError, match=r"before the checkpoint of step 6.*newest healthy checkpoint is .*ckpt_00000003"):
+    with pytest.raises(RunDirError, match=r"before the checkpoint of step 6.*newest healthy checkpoint .*ckpt_00000003\.pt is intact"):
         trainer.run()
     assert abs(saved[0].stat().st_size - expected) < 0.1 * expected  # the estimate is the checkpoint's size
