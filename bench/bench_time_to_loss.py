@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import random
 import statistics
 import sysconfig
 from dataclasses import asdict
@@ -159,19 +160,25 @@ def test_recipes_tokens_to_loss(benchmark, record, request, device, device_info,
 # ------------------------------------------------------------------------------------------------
 # Round 2: the ingredients of model.arch = "modern2", each with its ablation.
 #
-# Protocol (`--time-to-loss=round2`; written down before it was run):
+# Protocol (`--time-to-loss=round2`; written down before it was run). Version 2: version 1 (commit
+# a3ba892, bench/results/time-to-loss-round2_cpu_20261203-093012.json) packed a module's pieces in
+# file order, so the "document" before a function was its own module's imports and class: the doc
+# mask hid useful context, unlike web pages packed at random; and most documents were longer than
+# its 128-token window. Version 2 shuffles the documents and doubles the context and the window.
 # 1. Corpus: the same packages' sources cut into documents at every top-level `def`, `class` or
-#    decorator line (a module's preamble is a document too), each closed by EOT: most documents are
-#    shorter than the 128-token window, as web pages are shorter than modded-nanogpt's windows. GPT-2
+#    decorator line (a module's preamble is a document too), each closed by EOT, in an order
+#    shuffled once (seed 0), so neighbours are unrelated, as packed web pages are. Most documents
+#    (56%) are shorter than the 256-token window, as web pages are shorter than modded-nanogpt's
+#    windows; most tokens are still in longer ones (the median is 207 tokens, the mean ~1,000). GPT-2
 #    BPE, then the 2,046 most frequent train ids kept, the rest mapped to one "rare" id, and EOT its
 #    own id (vocabulary 2,048): the head of GPT-2's 50,257 classes would be most of a CPU step.
 #    Val: every 100th document.
-# 2. Model: 6 layers, 4 heads, 128 wide, context 256; 2,048 tokens per optimizer step (4 sequences
+# 2. Model: 6 layers, 4 heads, 128 wide, context 512; 2,048 tokens per optimizer step (2 sequences
 #    x 2 micro-batches) at full batch; ROUND2["steps"] steps, warmup 10%, evaluation every 10 steps
-#    over 8 x 4 val sequences.
+#    over 8 x 2 val sequences.
 # 3. Recipes: "adamw" (GPT-2 + AdamW, cosine: the target's recipe), "modern" (round 1: modern +
 #    Muon, wsd) and "modern2" (round 2: model.arch = "modern2" + Muon, wsd) with value_embeds = 2
-#    (blocks 0, 1, 4 and 5), attn_window = 128 grown from 64 (train.window_start), soft cap 15, and
+#    (blocks 0, 1, 4 and 5), attn_window = 256 grown from 128 (train.window_start), soft cap 15, and
 #    the batch-size schedule: 1 micro-batch (1,024 tokens) for the first third, then 2.
 # 4. Tuning: adamw sweeps lr; modern sweeps muon_lr with its AdamW part at round 1's best CPU rate
 #    (0.01); modern2 keeps modern's best muon_lr and sweeps its AdamW part (embeddings, value
@@ -183,23 +190,24 @@ def test_recipes_tokens_to_loss(benchmark, record, request, device, device_info,
 # 6. Ablations: modern2 with one ingredient set back (ABLATIONS), at modern2's rates, seeds 0 and 1
 #    (a smaller protocol than the recipes' three seeds, to keep the whole within the session; the
 #    JSON says so).
-# Its time on the 2-core VM, estimated before the run (a 4-step quick run took 1.5 s a run): 34
-# runs of ~2 minutes, two at a time with a thread each: ~35 minutes on an idle machine.
+# Its time on the 2-core VM, estimated before the run: version 1 took 44 minutes on a busy
+# machine; context 512 adds ~12% of FLOPs per token (attention): ~45-50 minutes.
 
-ROUND2 = {"steps": 200, "eval_interval": 10, "seeds": [0, 1, 2], "ablation_seeds": [0, 1],
+ROUND2 = {"version": 2, "steps": 200, "eval_interval": 10, "seeds": [0, 1, 2], "ablation_seeds": [0, 1],
           "sweep": {"adamw": [3e-4, 1e-3, 3e-3], "modern": [0.005, 0.01, 0.02], "modern2": [3e-3, 1e-2, 3e-2]}}
-ROUND2_QUICK = {"steps": 4, "eval_interval": 2, "seeds": [0], "ablation_seeds": [0],
+ROUND2_QUICK = {"version": 2, "steps": 4, "eval_interval": 2, "seeds": [0], "ablation_seeds": [0],
                 "sweep": {"adamw": [3e-3], "modern": [0.02], "modern2": [1e-2]}}
 VOCAB2 = 2048
 MAX_SWEEP_EXTENSIONS = 2  # rates added beyond a sweep's edge while its best sits there
-MODERN2 = {"model.arch": '"modern2"', "model.value_embeds": 2, "model.attn_window": 128, "train.window_start": 64}
+CONTEXT2 = 512
+MODERN2 = {"model.arch": '"modern2"', "model.value_embeds": 2, "model.attn_window": 256, "train.window_start": 128}
 ABLATIONS = {
     "no embed_skip": {"model.embed_skip": "false"},
     "no unet_skips": {"model.unet_skips": "false"},
     "no value_embeds": {"model.value_embeds": 0},
     "no doc_mask": {"model.doc_mask": "false"},
     "no window (whole context)": {"model.attn_window": 0, "train.window_start": 0},
-    "window fixed at 128": {"train.window_start": 0},
+    "window fixed at 256": {"train.window_start": 0},
     "soft cap 30": {"model.logit_softcap": 30.0},
     "no batch schedule": {"train.grad_accum_start": 0},
 }
@@ -230,6 +238,7 @@ def round2_corpus(tmp_path_factory) -> tuple[Path, int]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for package in PACKAGES for p in (root / package).rglob("*.py"))
     docs = [d for f in files for d in documents_of(f.read_text(errors="replace"))]
+    random.Random(0).shuffle(docs)  # neighbours unrelated, as packed web pages are
     enc = get_tokenizer()
     splits = {"train": [], "val": []}
     for i, doc in enumerate(docs):
@@ -252,7 +261,7 @@ def round2_corpus(tmp_path_factory) -> tuple[Path, int]:
         meta[f"{split}_tokens"] = len(ids)
     lengths = [len(d) for d in splits["train"]]
     meta["median_document_tokens"] = int(np.median(lengths))
-    meta["share_of_documents_under_128_tokens"] = float(np.mean(np.array(lengths) < 128))
+    meta["share_of_documents_under_the_window"] = float(np.mean(np.array(lengths) < int(MODERN2["model.attn_window"])))
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder.parent, VOCAB2 - 1
 
@@ -262,12 +271,12 @@ def round2_overrides(data: Path, eot: int, out: Path, protocol: dict, recipe: st
     steps = protocol["steps"]
     arch, optimizer = RECIPES[recipe] if recipe in RECIPES else ("modern2", "muon")
     values = {
-        "model.arch": f'"{arch}"', "model.n_layer": 6, "model.n_head": 4, "model.n_embd": 128, "model.block_size": 256,
+        "model.arch": f'"{arch}"', "model.n_layer": 6, "model.n_head": 4, "model.n_embd": 128, "model.block_size": CONTEXT2,
         "model.vocab_size": VOCAB2, "data.dataset": '"corpus2"', "data.data_dir": f'"{data}"',
         "optim.name": f'"{optimizer}"', "optim.lr": adamw_lr, "optim.min_lr": adamw_lr / 10,
         "optim.warmup_steps": max(1, steps // 10), "optim.lr_decay_steps": 0,
         "optim.schedule": '"wsd"' if optimizer == "muon" else '"cosine"', "optim.muon_lr": muon_lr,
-        "train.micro_batch_size": 4, "train.grad_accum_steps": 2, "train.max_steps": steps,
+        "train.micro_batch_size": 1024 // CONTEXT2, "train.grad_accum_steps": 2, "train.max_steps": steps,
         "train.eval_interval": protocol["eval_interval"], "train.eval_steps": 8, "train.log_interval": steps,
         "train.checkpoint_interval": steps, "train.out_dir": f'"{out}"', "train.device": '"cpu"',
         "train.dtype": '"float32"', "train.sample_tokens": 0, "train.seed": seed, "train.resume": "false",
@@ -396,7 +405,7 @@ def test_round2_tokens_to_loss(benchmark, record, request, device_info, round2_c
         "curves": {name: [r["curve"] for r in seeds] for name, seeds in runs.items()},
         "corpus": json.loads((data / "corpus2" / "meta.json").read_text()),
     }
-    case = f"6L 128w T256, {protocol['steps']} steps x 2048 tokens, vocab {VOCAB2}, CPU fp32"
+    case = f"6L 128w T{CONTEXT2}, {protocol['steps']} steps x 2048 tokens, vocab {VOCAB2}, CPU fp32"
     for name, seeds in runs.items():
         extra = {"final val loss": round(statistics.mean(r["final"] for r in seeds), 4), "seeds": len(seeds)}
         if name in ratios:
