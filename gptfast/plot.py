@@ -1,8 +1,9 @@
 """`python -m gptfast.plot RUN_DIR [RUN_DIR ...] -o curves.png`: training curves of one or several runs.
 
-Reads each run's metrics.jsonl and draws, runs side by side in one figure: train and val loss
-against tokens, val loss against training wall time, tokens/s, MFU and peak memory against the
-step. `--bench RESULTS.json` draws a benchmark results file instead: per case, each provider's
+Reads each run's metrics.jsonl and draws, runs side by side in one figure titled with their names:
+train and val loss against tokens, val loss against training wall time, train loss, learning rate,
+tokens/s, MFU and peak memory against the step; a panel no run recorded (MFU on a CPU) is left
+out. `--log-loss` draws the loss axes on a log scale. `--bench RESULTS.json` draws a benchmark results file instead: per case, each provider's
 time relative to gptfast's (bars > 1: gptfast is faster). Needs matplotlib (`pip install -e ".[plot]"`).
 """
 
@@ -43,40 +44,51 @@ def _series(records: list[dict], x: str, y: str) -> tuple[list[float], list[floa
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(run_dirs: list[str | Path], output: str | Path):
-    """Draw the runs into `output` (PNG); returns the matplotlib Figure."""
+# (title, x, [(record kind, y, label)]): the panels a run can fill; one with nothing recorded in any
+# run (MFU or GPU memory on a CPU) is left out
+PANELS = [
+    ("loss against tokens", "tokens", [("train", "loss", "train"), ("val", "val_loss", "val")]),
+    ("val loss against training time", "elapsed_seconds", [("val", "val_loss", "val")]),
+    ("train loss against step", "step", [("train", "loss", "train")]),
+    ("learning rate", "step", [("train", "lr", "")]),
+    ("tokens/s", "step", [("train", "tokens_per_second", "")]),
+    ("MFU", "step", [("train", "mfu", "")]),
+    ("peak memory (GiB)", "step", [("train", "peak_memory_bytes", "")]),
+]
+X_LABELS = {"tokens": "tokens", "elapsed_seconds": "hours of training", "step": "optimizer step"}
+SCALES = {"peak_memory_bytes": 1 / 2**30, "elapsed_seconds": 1 / 3600}
+
+
+def plot_runs(run_dirs: list[str | Path], output: str | Path, log_loss: bool = False, title: str | None = None):
+    """Draw the runs into `output` (PNG); returns the matplotlib Figure. `log_loss`: the loss axes
+    logarithmic; `title`: the figure's (default: the runs' names)."""
     plt = _pyplot()
     runs = {str(d): read_run(d) for d in run_dirs}
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    panels = [
-        (axes[0, 0], "loss against tokens", "tokens", [("train", "loss", "train"), ("val", "val_loss", "val")]),
-        (axes[0, 1], "val loss against training time", "elapsed_seconds", [("val", "val_loss", "val")]),
-        (axes[0, 2], "train loss against step", "step", [("train", "loss", "train")]),
-        (axes[1, 0], "tokens/s", "step", [("train", "tokens_per_second", "")]),
-        (axes[1, 1], "MFU", "step", [("train", "mfu", "")]),
-        (axes[1, 2], "peak memory (GiB)", "step", [("train", "peak_memory_bytes", "")]),
-    ]
-    for ax, title, x, curves in panels:
-        drawn = False
+
+    def lines(x, curves):
         for index, (name, records) in enumerate(runs.items()):
             for kind, y, label in curves:
                 xs, ys = _series(records[kind], x, y)
-                if y == "peak_memory_bytes":
-                    ys = [v / 2**30 for v in ys]
-                if x == "elapsed_seconds":
-                    xs = [v / 3600 for v in xs]
                 if xs:
-                    # one colour per run; val dashed with markers
-                    ax.plot(xs, ys, color=f"C{index % 10}", linestyle="--" if kind == "val" else "-",
-                            marker="o" if kind == "val" else None, markersize=3, label=f"{name} {label}".strip())
-                    drawn = True
-        ax.set_title(title)
-        ax.set_xlabel({"tokens": "tokens", "elapsed_seconds": "hours of training", "step": "optimizer step"}[x])
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not recorded (CPU runs have no MFU or GPU memory)", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=8)
+                    yield index, name, kind, label, [v * SCALES.get(x, 1) for v in xs], [v * SCALES.get(y, 1) for v in ys]
+
+    panels = [(t, x, drawn) for t, x, curves in PANELS if (drawn := list(lines(x, curves)))]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.3 * cols, 4.5 * rows), squeeze=False)
+    for ax, (panel, x, drawn) in zip(axes.flat, panels):
+        for index, name, kind, label, xs, ys in drawn:
+            # one colour per run; val dashed with markers
+            ax.plot(xs, ys, color=f"C{index % 10}", linestyle="--" if kind == "val" else "-",
+                    marker="o" if kind == "val" else None, markersize=3, label=f"{name} {label}".strip())
+        ax.set_title(panel)
+        ax.set_xlabel(X_LABELS[x])
+        if log_loss and "loss" in panel:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.remove()
+    fig.suptitle(title or " vs ".join(Path(name).name or name for name in runs), fontsize=11)
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     return fig
@@ -132,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (train.out_dir)")
     parser.add_argument("-o", "--output", default="curves.png", help="PNG to write (default: curves.png)")
     parser.add_argument("--bench", metavar="RESULTS_JSON", help="draw a bench/results/*.json file instead")
+    parser.add_argument("--log-loss", action="store_true", help="draw the loss axes on a log scale")
+    parser.add_argument("--title", help="the figure's title (default: the run directories' names)")
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.bench):
         parser.error("give one or more RUN_DIRs, or --bench RESULTS_JSON")
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bench:
             plot_bench(args.bench, args.output)
         else:
-            plot_runs(args.runs, args.output)
+            plot_runs(args.runs, args.output, log_loss=args.log_loss, title=args.title)
         print(f"wrote {args.output}")
 
     return run_cli(draw)

@@ -73,3 +73,21 @@ def test_benchmark_ratios_are_drawn(tmp_path):
     assert widths == [0.5, 2.0]
     (tmp_path / "bad.json").write_text("{}")
     assert plot_main(["--bench", str(tmp_path / "bad.json"), "-o", str(tmp_path / "b.png")]) == 2
+
+
+def test_the_learning_rate_is_drawn_empty_panels_left_out_and_the_figure_titled(two_runs, tmp_path):
+    fig = plot_runs(two_runs, tmp_path / "c.png", log_loss=True)
+    titles = [ax.get_title() for ax in fig.axes]
+    # a CPU run records no MFU and no GPU memory: those panels are not drawn at all
+    assert "MFU" not in titles and "peak memory (GiB)" not in titles
+    assert all(ax.get_lines() for ax in fig.axes)
+    lr_panel = fig.axes[titles.index("learning rate")]
+    for run, line in zip(two_runs, lr_panel.get_lines()):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert list(line.get_ydata()) == [r["lr"] for r in records if "loss" in r]
+    assert {ax.get_yscale() for ax in fig.axes if "loss" in ax.get_title()} == {"log"}
+    assert fig.axes[titles.index("learning rate")].get_yscale() == "linear"
+    assert fig._suptitle.get_text() == "a vs b"
+    titled = plot_runs(two_runs, tmp_path / "d.png", title="lr sweep")
+    assert titled._suptitle.get_text() == "lr sweep"
+    assert {ax.get_yscale() for ax in titled.axes} == {"linear"}
