@@ -288,12 +288,26 @@ def dataset_dir(cfg: DataConfig) -> Path:
 
 
 def ensure_prepared(cfg: DataConfig, log: Callable[[str], None] = print) -> Path:
-    """The dataset folder for `cfg`, preparing it first when its recipe runs offline unaided."""
+    """The dataset folder for `cfg`, preparing it first when its recipe runs unaided (offline
+    recipes; fineweb10b's val shard and first train shard, the rest fetched as the run needs them)."""
     folder = dataset_dir(cfg)
     if (folder / "meta.json").exists():
         return folder
-    if cfg.auto_prepare and cfg.dataset in OFFLINE_RECIPES:
-        return prepare_recipe(cfg.dataset, cfg.data_dir, log=log)
+    if problem := missing_dataset_problem(cfg):
+        raise DataError(problem)
+    if cfg.dataset == "fineweb10b":
+        from gptfast.fineweb import start_fineweb10b
+
+        return start_fineweb10b(cfg.data_dir, log=log)
+    return prepare_recipe(cfg.dataset, cfg.data_dir, log=log)
+
+
+def missing_dataset_problem(cfg: DataConfig) -> str | None:
+    """Why `cfg`'s dataset cannot be had without the user's help, or None: it is prepared, or
+    data.auto_prepare prepares it (an offline recipe, or fineweb10b's shards fetched)."""
+    folder = dataset_dir(cfg)
+    if (folder / "meta.json").exists() or (cfg.auto_prepare and cfg.dataset in OFFLINE_RECIPES + ("fineweb10b",)):
+        return None
     if cfg.dataset in RECIPES:
         hint = f"python -m gptfast.prepare {cfg.dataset} --data-dir {cfg.data_dir}"
         if cfg.dataset == "shakespeare":
@@ -302,7 +316,7 @@ def ensure_prepared(cfg: DataConfig, log: Callable[[str], None] = print) -> Path
         hint = f"python -m gptfast.prepare text --name {cfg.dataset} --input 'FILES' --data-dir {cfg.data_dir}"
         if cfg.dataset in DOCUMENTED_ELSEWHERE:
             hint = DOCUMENTED_ELSEWHERE[cfg.dataset]
-    raise DataError(f"dataset '{cfg.dataset}' is not prepared ({folder}/meta.json is missing); run: {hint}")
+    return f"dataset '{cfg.dataset}' is not prepared ({folder}/meta.json is missing); run: {hint}"
 
 
 # Datasets that need the network; data/README.md has their recipes.

@@ -24,6 +24,15 @@ class RunDirError(GptfastError):
     """The run directory cannot be created or written."""
 
 
+class PreStartProblems(GptfastError):
+    """Every problem found before a run starts (device, memory fit, dataset), said together: a
+    user fixes them in one go, not one per try. Printed as one `error: ...` line each."""
+
+    def __init__(self, problems: list[GptfastError]):
+        self.problems = problems
+        super().__init__("\nerror: ".join(str(p) for p in problems))
+
+
 class TrainingDiverged(GptfastError):
     """Too many steps in a row had a non-finite loss or gradient norm."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -54,10 +55,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         raise
 
 
-def download(url: str, dest: Path, log: Callable[[str], None] = print, offline_hint: str = "") -> None:
+def download(url: str, dest: Path, log: Callable[[str], None] = print, offline_hint: str = "",
+             stop: threading.Event | None = None) -> bool:
     """Download `url` to `dest` through `dest.part`, continuing a partial `.part` with an HTTP Range
     request (from the start when the server ignores it); a line of progress every 10 s. A failure
-    is a DataError naming the URL, the kept partial file and `offline_hint`."""
+    is a DataError naming the URL, the kept partial file and `offline_hint`. When `stop` is set
+    between two reads the partial file is kept for the next try and False returned; True: done."""
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -69,6 +72,8 @@ def download(url: str, dest: Path, log: Callable[[str], None] = print, offline_h
             last = time.monotonic()
             with open(part, "ab" if have else "wb") as f:
                 while chunk := response.read(CHUNK_BYTES):
+                    if stop is not None and stop.is_set():
+                        return False
                     f.write(chunk)
                     have += len(chunk)
                     if time.monotonic() - last >= 10:
@@ -80,6 +85,7 @@ def download(url: str, dest: Path, log: Callable[[str], None] = print, offline_h
         raise DataError(f"could not download {url} ({e}){kept}" + (f"; {offline_hint}" if offline_hint else "")) \
             from None
     os.replace(part, dest)
+    return True
 
 
 LOCK_NAME = ".lock"

@@ -9,8 +9,11 @@ preparation (`gptfast.datasets` makes them).
 
 from __future__ import annotations
 
+import bisect
 import json
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -103,21 +106,49 @@ class TokenLoader:
 
     No state is carried from one batch to the next, so resuming at step s reproduces the batches an
     uninterrupted run would have drawn: exact resume needs only the step count.
+
+    A dataset of shards (meta.json's "shards": {"train": [...], "val": [...]}, the public
+    pre-tokenised format) is read in order, as llm.c and modded-nanogpt read it: the micro-batch
+    that starts at train token `tokens_before(step) + micro_step x batch x context` of the run draws
+    its windows from the shard holding that position in the shards laid end to end (after the
+    last, the first again). So a run reads only the shards its tokens reach, and an on-demand
+    dataset (gptfast.fineweb.start_fineweb10b) fetches just those, ahead of the loader. Val, and a
+    single train file, draw from every window.
     """
 
     SPLIT_IDS = {"train": 0, "val": 1}
 
     def __init__(self, folder: Path, vocab_size: int, block_size: int, batch_size: int,
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, tokens_before: Callable[[int], int] | None = None,
+                 log: Callable[[str], None] = print, fetch: bool = True):
+        """tokens_before(step): train tokens of the run's steps before `step` (default: one
+        micro-batch a step). fetch: this process downloads an on-demand dataset's shards (False:
+        it waits for another process's)."""
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
+        self.folder, self.vocab_size = folder, vocab_size
+        self.tokens_before = tokens_before or (lambda step: step * batch_size * block_size)
         self.lock = lock_dataset(folder, exclusive=False)  # `prepare` waits until this loader is closed
         self.meta = read_meta(folder)
-        # Each split is a list of token arrays: one file, or a dataset of shards (meta.json's
-        # "shards": {"train": [...], "val": [...]}, the public pre-tokenised format).
+        shards = self.meta.get("shards") if isinstance(self.meta.get("shards"), dict) else {}
+        self.fetcher = None
+        if self.meta.get("fetch") == "on demand":
+            from gptfast.fineweb import ShardFetcher
+
+            self.fetcher = ShardFetcher(folder, self.meta["source"], shards["train"], log, download=fetch)
         self.tokens, self.window_ends = {}, {}
+        self.shard_names: list[str] = shards.get("train") or []
+        self.shard_arrays: list[np.ndarray] = []  # the train shards read so far, in order
+        self.shard_ends: list[int] = []  # cumulative token counts of shard_arrays (a shard too short: 0)
         for split in self.SPLIT_IDS:
-            shards = self.meta.get("shards", {}).get(split) if isinstance(self.meta.get("shards"), dict) else None
-            arrays = ([load_tokens(folder / name, vocab_size, shard=True) for name in shards] if shards
+            if split == "train" and self.shard_names:
+                for _ in range(1 if self.fetcher else len(self.shard_names)):  # on demand: the rest as reached
+                    self._read_next_shard()
+                if not self.shard_ends[-1] and not self.fetcher:
+                    raise DataError(f"the train split of {folder} has no shard of block_size + 1 = {block_size + 1} "
+                                    "tokens: lower model.block_size or add data")
+                continue
+            names = shards.get(split)
+            arrays = ([load_tokens(folder / name, vocab_size, shard=True) for name in names] if names
                       else [load_tokens(folder / f"{split}.bin", vocab_size)])
             longest = max(len(a) for a in arrays)
             arrays = [a for a in arrays if len(a) >= block_size + 1]  # a shard too short holds no window
@@ -129,22 +160,82 @@ class TokenLoader:
             self.window_ends[split] = np.cumsum([len(a) - block_size for a in arrays])
         self.pin = device.type == "cuda"
 
+    def _read_next_shard(self) -> None:
+        i = len(self.shard_arrays)
+        if self.fetcher:
+            self.fetcher.ensure(i)
+        tokens = load_tokens(self.folder / self.shard_names[i], self.vocab_size, shard=True)
+        self.shard_arrays.append(tokens)
+        usable = len(tokens) if len(tokens) >= self.block_size + 1 else 0  # a shard too short holds no window
+        self.shard_ends.append((self.shard_ends[-1] if self.shard_ends else 0) + usable)
+
+    def shard_at(self, position: int) -> int:
+        """The train shard holding token `position` of the shards laid end to end, repeated."""
+        while True:
+            i = bisect.bisect_right(self.shard_ends, position)
+            if i < len(self.shard_ends):
+                return i
+            if len(self.shard_arrays) < len(self.shard_names):
+                self._read_next_shard()
+            elif not self.shard_ends[-1]:
+                raise DataError(f"the train split of {self.folder} has no shard of block_size + 1 = "
+                                f"{self.block_size + 1} tokens: lower model.block_size or add data")
+            else:
+                position %= self.shard_ends[-1]
+
+    def fetch_ahead(self, tokens: int) -> None:
+        """An on-demand dataset: fetch, in the background, the shards a run of `tokens` train
+        tokens reaches (after checking the disk can hold them), none beyond."""
+        if not (self.fetcher and self.fetcher.download):
+            return
+        from gptfast.memory import format_bytes
+
+        per_shard = max(1, round(np.mean([len(a) for a in self.shard_arrays])))  # an estimate: shards are alike
+        shards = min(len(self.shard_names), -(-tokens // per_shard))
+        missing = [n for n in self.shard_names[:shards] if not (self.folder / n).exists()]
+        need = len(missing) * (per_shard * TOKEN_DTYPE.itemsize + SHARD_HEADER_BYTES)
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise DataError(f"this run reads {tokens:,} train tokens, about {shards} shards of {self.folder}; "
+                            f"the {len(missing)} not yet fetched need about {format_bytes(need)} but its disk has "
+                            f"{format_bytes(free)} free: free some space, set data.data_dir elsewhere, or train fewer "
+                            "steps")
+        if missing:
+            self.fetcher.log(f"this run reads {tokens:,} train tokens: about {shards} of the {len(self.shard_names)} "
+                             f"shards; {len(missing)} ({format_bytes(need)}) are fetched in the background as it trains")
+        self.fetcher.start(tokens, [len(a) for a in self.shard_arrays])
+
+    def ready(self, step: int, micro_steps: int) -> None:
+        """The shards step `step`'s micro-batches read, present (fetched, or waited for): a shard
+        that cannot be had is a DataError before any of the step is computed."""
+        if self.shard_names:
+            for micro_step in (0, micro_steps - 1):
+                self.shard_at(self.tokens_before(step) + micro_step * self.batch_size * self.block_size)
+
     def close(self) -> None:
-        """Release the dataset's shared lock (the process's exit does too)."""
+        """Stop fetching and release the dataset's shared lock (the process's exit does too)."""
+        if self.fetcher is not None:
+            self.fetcher.close()
         if self.lock is not None:
             self.lock.close()
             self.lock = None
 
     def batch(self, split: str, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (batch_size, block_size) int64 on the device; y is x shifted by one token."""
-        arrays, ends = self.tokens[split], self.window_ends[split]
         rng = np.random.default_rng([self.seed, self.SPLIT_IDS[split], step, micro_step])
-        # One draw over every window of the split (a single file: the same draws as ever), then
-        # the array holding it: deterministic in (seed, step), across any number of shards.
-        starts = rng.integers(0, ends[-1], size=self.batch_size)
-        which = np.searchsorted(ends, starts, side="right")
-        offsets = starts - np.concatenate([[0], ends[:-1]])[which]
-        windows = np.stack([arrays[i][s:s + self.block_size + 1] for i, s in zip(which, offsets)]).astype(np.int64)
+        if split == "train" and self.shard_names:
+            tokens = self.shard_arrays[self.shard_at(self.tokens_before(step)
+                                                     + micro_step * self.batch_size * self.block_size)]
+            starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
+            windows = np.stack([tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        else:
+            arrays, ends = self.tokens[split], self.window_ends[split]
+            # One draw over every window of the split (a single file: the same draws as ever), then
+            # the array holding it: deterministic in (seed, step), across any number of val shards.
+            starts = rng.integers(0, ends[-1], size=self.batch_size)
+            which = np.searchsorted(ends, starts, side="right")
+            offsets = starts - np.concatenate([[0], ends[:-1]])[which]
+            windows = np.stack([arrays[i][s:s + self.block_size + 1] for i, s in zip(which, offsets)]).astype(np.int64)
         windows = torch.from_numpy(windows)  # (B, T + 1)
         if self.pin:
             # Pinned host memory lets the copy run asynchronously with the previous step's kernels.

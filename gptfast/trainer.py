@@ -23,8 +23,9 @@ from gptfast import distributed
 from gptfast.checkpointer import Checkpointer, TrainState
 from gptfast.config import Config
 from gptfast.configfile import to_toml
-from gptfast.datasets import dataset_dir, ensure_prepared
+from gptfast.datasets import dataset_dir, ensure_prepared, missing_dataset_problem
 from gptfast.device import DistInfo, autocast_dtype, device_name
+from gptfast.errors import DataError, GptfastError, PreStartProblems
 from gptfast.hardware import peak_bf16_flops
 from gptfast.health import HealthGuard, HealthMonitor, Verdict
 from gptfast.hellaswag import evaluate_model, hellaswag_items
@@ -60,10 +61,8 @@ class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.dist = DistInfo.from_env()
         self.log = log if self.dist.main else _silent  # one voice: rank 0 logs, evaluates, writes
-        self.device = distributed.place_process(cfg.train, self.dist, self.log)
+        self.device, self.cfg = self._pre_start(cfg)
         self.amp_dtype = autocast_dtype(self.device, cfg.train.dtype)
-        self.cfg = resolve_config(cfg, self.device, self.amp_dtype, self.log)
-        check_backends(self.cfg.log)
         self.hellaswag_items = hellaswag_items(self.cfg.eval, self.log) if self.dist.main else None
         self.loader = self._open_data()
         try:
@@ -84,14 +83,46 @@ class Trainer:
 
     # -- construction, in the order __init__ runs it ---------------------------------------------
 
+    def _pre_start(self, cfg: Config) -> tuple[torch.device, Config]:
+        """(device, resolved config), or every problem that stops the run before its start in one
+        error (device, memory fit, log backends, dataset): not one problem per try."""
+        problems: list[GptfastError] = []
+
+        def attempt(check):
+            try:
+                return check()
+            except GptfastError as e:
+                problems.append(e)
+
+        device = attempt(lambda: distributed.place_process(cfg.train, self.dist, self.log))
+        resolved = None
+        if device is not None:
+            resolved = attempt(lambda: resolve_config(cfg, device, autocast_dtype(device, cfg.train.dtype), self.log))
+        elif cfg.train.memory_budget and not cfg.train.init_from:  # no device, but the budget's plan can still fail
+            from gptfast import memory
+
+            attempt(lambda: memory.plan(cfg, memory.budget_bytes(cfg.train.memory_budget, "train.memory_budget")))
+        attempt(lambda: check_backends(cfg.log))
+        if problem := missing_dataset_problem(cfg.data):
+            problems.append(DataError(problem))
+        if problems:
+            raise problems[0] if len(problems) == 1 else PreStartProblems(problems)
+        return device, resolved
+
     def _open_data(self) -> TokenLoader:
         """Rank 0 prepares a missing dataset while the others wait; then every rank checks it."""
         cfg, t = self.cfg, self.cfg.train
         if self.dist.main:
             ensure_prepared(cfg.data, log=self.log)
         distributed.barrier(self.dist)
-        return TokenLoader(dataset_dir(cfg.data), cfg.model.vocab_size, cfg.model.block_size,
-                           t.micro_batch_size, t.seed, self.device)
+        loader = TokenLoader(dataset_dir(cfg.data), cfg.model.vocab_size, cfg.model.block_size, t.micro_batch_size,
+                             t.seed, self.device, tokens_before=cfg.tokens_before, log=self.log, fetch=self.dist.main)
+        try:
+            loader.fetch_ahead(cfg.tokens_before(t.max_steps))  # an on-demand dataset's shards, in the background
+        except BaseException:
+            loader.close()
+            raise
+        return loader
 
     def _claim_run_dir(self) -> RunDir:
         """Only once the input is known good: bad input leaves nothing behind. Rank 0 owns the files."""
@@ -248,6 +279,7 @@ class Trainer:
                                   self.device, first_step=self.step)
         checkpoint, reached = None, False
         while self.step < t.max_steps:
+            self._data_ready()
             step_start = time.perf_counter()
             loss, grad_norm, verdict = self.train_step()
             self.state.train_seconds += time.perf_counter() - step_start
@@ -266,6 +298,17 @@ class Trainer:
             if reached or (self.stop_requested and not done):
                 break
         return self._finish(checkpoint, stopped=self.stop_requested and self.step < t.max_steps and not reached)
+
+    def _data_ready(self) -> None:
+        """The shards the next step reads are present; a shard that cannot be fetched stops the run
+        here, between steps, with a checkpoint of this one: nothing trained is lost."""
+        try:
+            self.loader.ready(self.step, self.cfg.grad_accum_at(self.step))
+        except DataError as e:
+            written = self.save() if self.dist.main and self.step else None
+            raise DataError(f"{e}; training stopped before step {self.step + 1}"
+                            + (f", checkpoint {written} written: the same command resumes from it" if written else "")
+                            ) from None
 
     def _evaluate_if_due(self, done: bool) -> bool:
         """Val loss and HellaSwag when due (rank 0); whether the target was reached now (every rank)."""

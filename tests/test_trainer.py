@@ -205,6 +205,22 @@ def test_cli_cuda_config_without_cuda(tmp_path, capsys, data_dir, monkeypatch):
     assert_one_error_line(err, "no CUDA device", "configs/cpu_smoke.toml", "--train.device=cpu")
 
 
+def test_every_problem_before_the_start_is_said_at_once(tmp_path, capsys, monkeypatch):
+    """No CUDA device, a memory budget nothing fits and a dataset that is not there: three lines,
+    one per problem, in one try; nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [str(REPO / "configs" / "small_4070.toml"), f"--train.out_dir={tmp_path / 'run'}",
+            "--train.memory_budget=100MiB", "--data.dataset=mine", f"--data.data_dir={tmp_path / 'data'}"]
+    code, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 3 and all(line.startswith("error: ") for line in lines), err
+    assert "no CUDA device" in lines[0] and "memory budget 100.0 MiB" in lines[1]
+    assert "dataset 'mine' is not prepared" in lines[2]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+    code, err = run_cli(argv[:2] + ["--data.dataset=mine", f"--data.data_dir={tmp_path / 'data'}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 2, err
+
+
 def test_cli_usage(capsys):
     assert train_main([]) == 2
     assert train_main(["--train.max_steps=3"]) == 2
