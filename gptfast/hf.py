@@ -103,6 +103,8 @@ def read_hf_config(folder: Path) -> dict:
     for key, allowed in REQUIRED_CONFIG.items():
         if key in hf and hf[key] not in allowed:
             raise CheckpointError(f"init_from {path}: {key} = {hf[key]!r} is not supported (expected {allowed[0]!r})")
+    if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise CheckpointError(f"init_from {folder}: neither model.safetensors nor pytorch_model.bin is there")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise CheckpointError(f"init_from {path}: n_inner = {hf['n_inner']} is not supported (expected 4 * n_embd)")
     return hf
@@ -120,11 +122,11 @@ def architecture_of(source: str, dropout: float = 0.0) -> ModelConfig:
     anything else is a CheckpointError saying how to make it known."""
     path = Path(source)
     if path.is_dir():
-        return model_config_from_hf(read_hf_config(path), dropout)
+        return model_config_from_hf(read_hf_config(path), dropout, path / "config.json")
     if HUB_NAME.fullmatch(source):
         snapshot = cached_snapshot(source, ("config.json",))
         if snapshot is not None:
-            return model_config_from_hf(read_hf_config(snapshot), dropout)
+            return model_config_from_hf(read_hf_config(snapshot), dropout, snapshot / "config.json")
         if source in OPENAI_SIZES:
             n_layer, n_head, n_embd = OPENAI_SIZES[source]
             return ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257,
@@ -134,9 +136,25 @@ def architecture_of(source: str, dropout: float = 0.0) -> ModelConfig:
                           "hub name: --train.init_from='\"gpt2-medium\"' plans OpenAI's published size")
 
 
-def model_config_from_hf(hf: dict, dropout: float) -> ModelConfig:
-    return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
-                       vocab_size=hf["vocab_size"], dropout=dropout, bias=True)
+HF_KEYS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
+           "vocab_size": "vocab_size"}  # ModelConfig's name -> config.json's
+
+
+def model_config_from_hf(hf: dict, dropout: float, source: str | Path = "config.json") -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 config.json, validated as a config file is: a
+    CheckpointError naming the file and its key otherwise."""
+    for ours, theirs in HF_KEYS.items():
+        if type(hf.get(theirs)) is not int:
+            raise CheckpointError(f"init_from {source}: {theirs} must be an integer, got {hf.get(theirs)!r}")
+    cfg = ModelConfig(**{ours: hf[theirs] for ours, theirs in HF_KEYS.items()}, dropout=dropout, bias=True)
+
+    def fail(key: str, problem: str) -> None:
+        name = key.removeprefix("model.")
+        problem = problem.replace("model.n_head", "n_head")
+        raise CheckpointError(f"init_from {source}: {HF_KEYS.get(name, name)} {problem}")
+
+    cfg.validate(fail)
+    return cfg
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -189,14 +207,18 @@ def load_hf_into(model: torch.nn.Module, folder: str | Path) -> None:
         model.transformer.wte.weight[cfg.vocab_size:].zero_()
 
 
+EOT_ID = 50256  # GPT-2's <|endoftext|>
+
+
 def hf_config_of(cfg: ModelConfig) -> dict:
     return {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
         "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-        "scale_attn_weights": True, "use_cache": True, "bos_token_id": 50256, "eos_token_id": 50256,
-        "tie_word_embeddings": True, "torch_dtype": "float32",
+        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True, "torch_dtype": "float32",
+        # GPT-2's end-of-text id, where the model's vocabulary holds it (a small vocabulary does not)
+        **({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID} if EOT_ID < cfg.vocab_size else {}),
     }
 
 

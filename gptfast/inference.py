@@ -42,7 +42,7 @@ def load_any(source: str, device: torch.device) -> tuple[GPT, str, torch.dtype |
     if folder.is_dir() and (folder / "config.json").is_file():
         from gptfast import hf
 
-        model = GPT(hf.model_config_from_hf(hf.read_hf_config(folder), 0.0))
+        model = GPT(hf.model_config_from_hf(hf.read_hf_config(folder), 0.0, folder / "config.json"))
         hf.load_hf_into(model, folder)
         return model.to(device).eval(), f"{folder} (Hugging Face)", autocast_dtype(device, "bfloat16")
     model, state, dtype = load_model(source, device)

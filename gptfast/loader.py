@@ -89,6 +89,17 @@ def read_meta(folder: Path) -> dict:
         raise DataError(f"{path}: dtype {meta['dtype']!r}, but gptfast reads uint16 token files")
     if meta.get("tokenizer", "gpt2") != "gpt2":
         raise DataError(f"{path}: tokenizer {meta['tokenizer']!r}, but the model uses GPT-2's BPE")
+    if "shards" in meta:
+        shards = meta["shards"]
+        if not (isinstance(shards, dict) and all(isinstance(shards.get(split, []), list) for split in ("train", "val"))):
+            raise DataError(f'{path}: "shards" must be {{"train": [file names], "val": [file names]}}; '
+                            "prepare the dataset again")
+        for name in (n for split in ("train", "val") for n in shards.get(split, [])):
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+                raise DataError(f"{path}: shard {name!r} is not a file name inside the dataset folder; "
+                                "prepare the dataset again")
+    if meta.get("fetch") == "on demand" and not (isinstance(meta.get("source"), str) and meta.get("shards")):
+        raise DataError(f'{path}: fetch "on demand" needs a "source" URL and "shards"; prepare the dataset again')
     for split in ("train", "val"):
         recorded = meta.get(f"{split}_tokens")
         if recorded is None:

@@ -57,7 +57,7 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
         from gptfast import hf
 
         folder = hf.resolve_source(t.init_from, log)  # a directory, or a hub name through the HF cache
-        hf_model = hf.model_config_from_hf(hf.read_hf_config(folder), cfg.model.dropout)
+        hf_model = hf.model_config_from_hf(hf.read_hf_config(folder), cfg.model.dropout, folder / "config.json")
         cfg = dataclasses.replace(cfg, model=hf_model)
         if str(folder) != t.init_from:
             log(f"init_from {t.init_from!r}: {folder}")

@@ -162,3 +162,36 @@ def test_init_from_a_hub_name_through_the_cache_or_a_download(tiny_config, tmp_p
     assert trainer.cfg.train.init_from == str(folder) and trainer.cfg.model.n_embd == 32
     for name, value in source.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], value)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"n_head": 3}, "n_embd 32 is not divisible by n_head = 3"),
+    ({"n_layer": 0}, "n_layer must be positive, got 0"),
+    ({"vocab_size": 70000}, "vocab_size token files hold uint16 ids, so at most 65536, got 70000"),
+    ({"n_embd": "32"}, "n_embd must be an integer, got '32'"),
+    ({"n_positions": None}, "n_positions must be an integer, got None"),
+])
+def test_an_init_from_config_json_is_validated_as_a_config(tiny_config, tmp_path, capsys, change, problem):
+    """A bad config.json is one line naming the file and its key, exit 2, no run directory."""
+    from conftest import REPO
+    from gptfast.train import main as train_main
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config = {**hf.hf_config_of(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)), **change}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
+    run = tmp_path / "run"
+    cfg = tiny_config(out_dir=run)
+    code = train_main([str(REPO / "configs" / "cpu_smoke.toml"), f"--data.data_dir={cfg.data.data_dir}",
+                       "--data.dataset=small", f"--train.out_dir={run}", f'--train.init_from="{folder}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: init_from {folder / 'config.json'}: {problem}"), err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("vocab, eot", [(50257, 50256), (50304, 50256), (101, None)])
+def test_export_names_the_end_of_text_id_only_inside_the_vocabulary(vocab, eot):
+    config = hf.hf_config_of(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab))
+    assert config.get("bos_token_id") == config.get("eos_token_id") == eot

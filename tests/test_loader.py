@@ -74,3 +74,21 @@ def test_a_malformed_meta_json_is_refused(data_dir, tmp_path, meta, needle):
     (folder / "meta.json").write_text(meta)
     with pytest.raises(DataError, match=needle):
         make_loader(folder)
+
+
+@pytest.mark.parametrize("shards, problem", [
+    ({"train": ["../outside.bin"], "val": ["v.bin"]}, "'../outside.bin' is not a file name inside the dataset folder"),
+    ({"train": ["/etc/passwd"], "val": ["v.bin"]}, "'/etc/passwd' is not a file name"),
+    ({"train": [7], "val": ["v.bin"]}, "shard 7 is not a file name"),
+    ({"train": "t.bin", "val": ["v.bin"]}, '"shards" must be'),
+    (["t.bin"], '"shards" must be'),
+])
+def test_meta_json_shard_names_stay_inside_the_dataset_and_are_typed(tmp_path, shards, problem):
+    import json
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
+    (folder / "meta.json").write_text(json.dumps({"shards": shards}))
+    with pytest.raises(DataError, match=problem.replace("(", r"\(").replace("/", "/")):
+        make_loader(folder)
