@@ -103,8 +103,6 @@ def read_hf_config(folder: Path) -> dict:
     for key, allowed in REQUIRED_CONFIG.items():
         if key in hf and hf[key] not in allowed:
             raise CheckpointError(f"init_from {path}: {key} = {hf[key]!r} is not supported (expected {allowed[0]!r})")
-    if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-        raise CheckpointError(f"init_from {folder}: neither model.safetensors nor pytorch_model.bin is there")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise CheckpointError(f"init_from {path}: n_inner = {hf['n_inner']} is not supported (expected 4 * n_embd)")
     return hf
@@ -157,6 +155,11 @@ def model_config_from_hf(hf: dict, dropout: float, source: str | Path = "config.
     return cfg
 
 
+def check_hf_weights_present(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise CheckpointError(f"init_from {folder}: neither model.safetensors nor pytorch_model.bin is there")
+
+
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     safetensors_path, bin_path = folder / "model.safetensors", folder / "pytorch_model.bin"
     if safetensors_path.exists():
@@ -172,7 +175,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise CheckpointError(f"init_from {bin_path}: unreadable ({str(e).splitlines()[0]})") from None
     else:
-        raise CheckpointError(f"init_from {folder}: neither model.safetensors nor pytorch_model.bin is there")
+        check_hf_weights_present(folder)
     # The hub's gpt2 files name keys without the "transformer." prefix; save_pretrained adds it.
     return {k.removeprefix("transformer."): v for k, v in weights.items()}
 

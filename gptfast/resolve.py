@@ -58,6 +58,7 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
 
         folder = hf.resolve_source(t.init_from, log)  # a directory, or a hub name through the HF cache
         hf_model = hf.model_config_from_hf(hf.read_hf_config(folder), cfg.model.dropout, folder / "config.json")
+        hf.check_hf_weights_present(folder)  # before the run directory is claimed
         cfg = dataclasses.replace(cfg, model=hf_model)
         if str(folder) != t.init_from:
             log(f"init_from {t.init_from!r}: {folder}")
