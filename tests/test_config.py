@@ -1,3 +1,4 @@
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -116,6 +117,17 @@ def test_override_errors_name_the_key(tmp_path):
 def test_toml_round_trip():
     cfg = load_config(None, ["--model.n_layer=3", "--optim.betas=[0.5, 0.6]", "--train.out_dir=a\"b\\c"])
     assert config_from_dict(tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_a_run_directory_named_with_a_newline_and_a_quote_writes_a_config_that_reads_back(tiny_config, tmp_path):
+    from gptfast.trainer import Trainer
+
+    out = tmp_path / 'odd "run"\nname\ttab'
+    cfg = tiny_config({"train.max_steps": 1, "train.checkpoint_interval": 1})
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out)))
+    Trainer(cfg, log=lambda _: None).run()
+    written = config_from_dict(tomllib.loads((out / "config.toml").read_text()))
+    assert written.train.out_dir == str(out) and written.model == cfg.model
 
 
 def test_shipped_configs_load():

@@ -90,3 +90,15 @@ def test_fuzzed_values_build_a_trainer_or_one_error_line(data_dir, tmp_path_fact
     trainer.close()
     assert (out / "config.toml").exists()
     hypothesis.event("built")
+
+
+@given(hypothesis.strategies.text(), hypothesis.strategies.lists(hypothesis.strategies.text(max_size=5), max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_every_string_the_project_writes_as_toml_reads_back_equal(text, texts):
+    """Paths with quotes, backslashes, newlines, tabs or other control characters (an out_dir as
+    a user may name it) survive config.toml."""
+    import tomllib
+
+    from gptfast.fields import toml_value
+
+    assert tomllib.loads(f"a = {toml_value(text)}\nb = {toml_value(texts)}") == {"a": text, "b": texts}
