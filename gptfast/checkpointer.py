@@ -59,9 +59,11 @@ class Checkpointer:
     """Writes and restores the checkpoints of one run directory (rank 0 writes; every rank restores)."""
 
     def __init__(self, run_dir: RunDir, cfg: Config, dist: DistInfo, device: torch.device,
-                 parts: dict[str, Stateful], state: TrainState, log: Callable[[str], None]):
+                 parts: dict[str, Stateful], state: TrainState, log: Callable[[str], None], dataset: str | None = None):
+        """dataset: the training data's fingerprint (TokenLoader.fingerprint), kept in each
+        checkpoint: a resume on other data is refused like any change of trajectory."""
         self.run_dir, self.cfg, self.dist, self.device = run_dir, cfg, dist, device
-        self.parts, self.state, self.log = parts, state, log
+        self.parts, self.state, self.log, self.dataset = parts, state, log, dataset
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -95,7 +97,8 @@ class Checkpointer:
         blob = {name: part.state_dict() for name, part in self.parts.items() if name != "optimizer"}
         blob.update(self.parts["optimizer"].state_dict())  # its "optimizer" and "scaler" entries
         blob.update(self.state.state_dict())
-        blob.update(config=self.cfg.to_dict(), world_size=self.dist.world_size, rng=self._rng_state())
+        blob.update(config=self.cfg.to_dict(), world_size=self.dist.world_size, rng=self._rng_state(),
+                    dataset=self.dataset)
         return ckpt.save_checkpoint(blob, self.run_dir.path, self.state.step, self.cfg.train.keep_checkpoints,
                                     healthy)
 
@@ -169,6 +172,10 @@ class Checkpointer:
                                   f"{saved_world} (this run has {self.dist.world_size}), or start a new run: "
                                   "--train.out_dir=ANOTHER_DIR, or --train.resume=false (sets this run aside)")
         trajectory, other = config_changes(blob["config"], self.cfg.to_dict())
+        if blob.get("dataset") and self.dataset and blob["dataset"] != self.dataset:  # older checkpoints lack it
+            trajectory.append(f"the dataset {self.cfg.data.dataset!r} is not the one trained on: it was prepared "
+                              f"again or replaced (fingerprint {blob['dataset']} at the checkpoint, {self.dataset} "
+                              "now)")
         if trajectory and not self.cfg.train.allow_config_change:
             raise ConfigError(f"resuming {path} with changed settings that change the training trajectory "
                               f"({'; '.join(trajectory)}); restore them, or pass --train.allow_config_change=true, "

@@ -10,6 +10,7 @@ preparation (`gptfast.datasets` makes them).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -112,6 +113,30 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def dataset_fingerprint(folder: Path, meta: dict) -> str:
+    """What the training data is, in 16 hex digits, kept in checkpoints: the inputs' fingerprint
+    `prepare` recorded; for the public FineWeb shards their recipe (their content is fixed,
+    whichever mirror served them); otherwise the token files' sizes and first and last MiB."""
+    digest = hashlib.sha256()
+    if meta.get("inputs_fingerprint"):
+        digest.update(f"{meta.get('recipe')}:{meta['inputs_fingerprint']}".encode())
+    elif meta.get("recipe") == "fineweb10b":
+        digest.update(b"fineweb10b: the public GPT-2 shards")
+    else:
+        for split in ("train", "val"):
+            names = (meta.get("shards") or {}).get(split) or [f"{split}.bin"]
+            for name in names:
+                path = folder / name
+                size = path.stat().st_size if path.exists() else -1
+                digest.update(f"{name}:{size}".encode())
+                if size > 0:
+                    with open(path, "rb") as f:
+                        digest.update(f.read(1 << 20))
+                        f.seek(max(0, size - (1 << 20)))
+                        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 class TokenLoader:
     """Random (x, y) windows from a token file, a pure function of (seed, step, micro_step).
 
@@ -170,6 +195,7 @@ class TokenLoader:
             # window starts numbered across the arrays: array i holds len(i) - block_size of them
             self.window_ends[split] = np.cumsum([len(a) - block_size for a in arrays])
         self.pin = device.type == "cuda"
+        self.fingerprint = dataset_fingerprint(folder, self.meta)
 
     def _read_next_shard(self) -> None:
         i = len(self.shard_arrays)

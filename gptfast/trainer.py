@@ -149,7 +149,7 @@ class Trainer:
         self.state = TrainState()
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist, self.device,
                                          {"model": self.model, "optimizer": self.optimizer, "health": self.health},
-                                         self.state, self.log)
+                                         self.state, self.log, dataset=self.loader.fingerprint)
         self.checkpointer.check_free_space("before training starts")  # not at the first checkpoint, trained for
         self.target_reached: dict | None = None  # when train.target_val_loss was reached
         self.skipped_steps = 0  # all steps skipped as unhealthy since this process started

@@ -81,3 +81,33 @@ def test_a_disk_too_full_for_a_checkpoint_is_found_before_step_1(tiny_config, tm
     with pytest.raises(RunDirError, match=r"before the checkpoint of step 6.*newest healthy checkpoint .*ckpt_00000003\.pt is intact"):
         trainer.run()
     assert abs(saved[0].stat().st_size - expected) < 0.1 * expected  # the estimate is the checkpoint's size
+
+
+def test_a_resume_on_a_dataset_prepared_again_from_other_inputs_is_refused(tmp_path, capsys):
+    """The checkpoint keeps the data's fingerprint: re-preparing the dataset under the same name
+    from other files, then resuming, is refused like a changed seed (one line, nothing moved);
+    allow_config_change lets it through, saying so."""
+    from conftest import REPO, tiny_overrides
+    from gptfast.datasets import prepare_recipe
+    from gptfast.train import main as train_main
+
+    def corpus(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return [str(path)]
+
+    data = tmp_path / "data"
+    words = " ".join(f"word{i}" for i in range(3000))
+    prepare_recipe("text", data, name="d", inputs=corpus("a.txt", words), val_fraction=0.2, log=lambda _: None)
+    argv = [str(REPO / "configs" / "cpu_smoke.toml"), *tiny_overrides(data, tmp_path / "run", {"data.dataset": '"d"'})]
+    assert train_main(argv + ["--train.max_steps=3"]) == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    prepare_recipe("text", data, name="d", inputs=corpus("b.txt", words.upper()), val_fraction=0.2,
+                   log=lambda _: None, force=True)
+    capsys.readouterr()
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the dataset 'd' is not the one trained on" in err, err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert train_main(argv + ["--train.allow_config_change=true"]) == 0
+    assert "resume: changed the dataset 'd' is not the one trained on" in capsys.readouterr().out
