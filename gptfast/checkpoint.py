@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -161,10 +162,13 @@ def file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def load_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> dict:
+def load_checkpoint(path: str | Path, log: Callable[[str], None] = print, bless: bool = False) -> dict:
     """Read a checkpoint onto the CPU; an unreadable file is a CheckpointError, not a traceback.
-    A directory loads its newest healthy checkpoint. A missing checksum file is a warning: the
-    file is loaded, and its checksum computed and written so later loads verify it."""
+    A directory loads its newest healthy checkpoint. A missing checksum file is a warning, and
+    what can be verified without it is: the zip's own CRCs and finite weights (damage is a
+    CheckpointError, so a resume falls back to the previous checkpoint). With `bless` (the caller
+    holds the run directory: the trainer) its checksum is then written so later loads verify it;
+    readers (sample, export, eval) never write into a run directory."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path, healthy_only=True)
@@ -191,14 +195,39 @@ def load_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> dic
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not a gptfast checkpoint (missing model, config or step)")
     if not sidecar.exists():
-        log(f"warning: {path} has no {sidecar.name}, so it could not be verified; it loaded, and its "
-            "checksum is now written beside it")
-        try:
-            atomic_write(sidecar, lambda f: f.write(digest.encode() + b"\n"))
-        except OSError as e:
-            log(f"warning: could not write {sidecar}: {e.strerror or e}")
+        verify_unchecksummed(path, state)
+        log(f"warning: {path} has no {sidecar.name}, so its checksum could not be verified; its zip CRCs and "
+            "weights were checked" + (", and its checksum is now written beside it" if bless else ""))
+        if bless:
+            try:
+                atomic_write(sidecar, lambda f: f.write(digest.encode() + b"\n"))
+            except OSError as e:
+                log(f"warning: could not write {sidecar}: {e.strerror or e}")
     state["path"] = str(path)
     return state
+
+
+def verify_unchecksummed(path: Path, state: dict) -> None:
+    """What a checkpoint without its checksum can still be checked for: every zip member's CRC
+    (a flipped bit) and finite model weights (a damaged tensor saved whole)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad} fails its CRC")
+    model = state["model"] if isinstance(state.get("model"), dict) else {}
+    for name, tensor in model.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path} has no checksum and its weight {name} holds non-finite values: "
+                                  "damaged, not resumed from")
+
+
+def same_shapes(saved: dict, current: dict) -> bool:
+    """Whether a checkpoint's model tensors have this model's names and shapes."""
+    return saved.keys() == current.keys() and all(
+        not torch.is_tensor(v) or v.shape == current[k].shape for k, v in saved.items())
 
 
 def check_same_model(saved_model_cfg: dict, model_cfg: dict, path: str) -> None:

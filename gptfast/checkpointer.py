@@ -150,7 +150,9 @@ class Checkpointer:
         errors = []
         for path in reversed(ckpt.list_checkpoints(out, healthy_only=True)):
             try:
-                return ckpt.load_checkpoint(path, log=self.log)
+                blob = ckpt.load_checkpoint(path, log=self.log, bless=self.dist.main)
+                self._check_optimizer_shapes(blob)
+                return blob
             except CheckpointError as e:
                 errors.append(str(e))
                 self.log(f"warning: {e}; trying the previous checkpoint")
@@ -161,6 +163,18 @@ class Checkpointer:
             raise CheckpointError(f"every checkpoint in {out} is marked unhealthy (newest "
                                   f"{unhealthy[-1].name}); start over with --train.resume=false")
         return None
+
+    def _check_optimizer_shapes(self, blob: dict) -> None:
+        """A checkpoint whose optimizer state does not fit its parameters' shapes is damaged (it
+        would fail at the first step): a CheckpointError, so the previous checkpoint is tried."""
+        from gptfast.optim import state_shape_problem
+
+        model = self.parts["model"]
+        if not isinstance(blob.get("optimizer"), dict) or not ckpt.same_shapes(blob["model"], model.state_dict()):
+            return  # another model: check_resumable names the difference
+        names = {id(p): name for name, p in model.named_parameters()}
+        if problem := state_shape_problem(self.parts["optimizer"].inner, blob["optimizer"], names):
+            raise CheckpointError(f"checkpoint {blob['path']} is damaged: {problem}")
 
     def check_resumable(self, blob: dict) -> None:
         """Same model, same world size, and no silent change to what decides the trajectory."""

@@ -146,6 +146,27 @@ class ScheduledOptimizer:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def state_shape_problem(inner, state: dict, names: dict[int, str]) -> str | None:
+    """What is wrong with an optimizer state dict (torch's layout; Muon + AdamW's pair of them)
+    whose tensors do not have their parameters' shapes, or None. `names`: id(parameter) -> name.
+    torch's load_state_dict checks only the counts, and the first step would fail far from here."""
+    pairs = [(inner.muon, state.get("muon")), (inner.adamw, state.get("adamw"))] if hasattr(inner, "muon") else \
+        [(inner, state)]
+    for optimizer, saved in pairs:
+        if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and "param_groups" in saved):
+            return None  # not this layout: load_state_dict says what is wrong
+        ids = [i for group in saved["param_groups"] for i in group.get("params", [])]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(ids) != len(params):
+            return f"optimizer state for {len(ids)} parameters, this optimizer has {len(params)}"
+        for index, p in zip(ids, params):
+            for key, value in saved["state"].get(index, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    return (f"optimizer state {key!r} of {names.get(id(p), f'parameter {index}')} has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+    return None
+
+
 def build_scheduled_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int, device: torch.device,
                               triton_adamw: bool, float16: bool) -> ScheduledOptimizer:
     """build_optimizer's optimizer behind ScheduledOptimizer, with a loss scaler under float16."""

@@ -111,3 +111,76 @@ def test_a_resume_on_a_dataset_prepared_again_from_other_inputs_is_refused(tmp_p
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
     assert train_main(argv + ["--train.allow_config_change=true"]) == 0
     assert "resume: changed the dataset 'd' is not the one trained on" in capsys.readouterr().out
+
+
+def resave(path, change, checksum: bool):
+    """Rewrite checkpoint `path` with `change(blob)` applied: a whole, readable file (valid zip CRCs),
+    with a matching checksum or none."""
+    from gptfast import checkpoint as ckpt
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    change(blob)
+    torch.save(blob, path)
+    ckpt.checksum_path(path).unlink()
+    if checksum:
+        ckpt.checksum_path(path).write_text(ckpt.file_sha256(path) + "\n")
+
+
+def restored_after(tiny_config, damage):
+    """(step resumed at, log lines) after `damage(newest checkpoint)` on a 6-step run's checkpoints 3 and 6."""
+    from gptfast import checkpoint as ckpt
+
+    Trainer(tiny_config(), log=quiet).run()
+    newest = ckpt.latest_checkpoint(tiny_config().train.out_dir)
+    damage(newest)
+    lines = []
+    resumed = Trainer(tiny_config({"train.max_steps": 7}), log=lines.append)
+    resumed.close()
+    return resumed.step, lines, newest
+
+
+def test_an_unchecksummed_checkpoint_with_a_damaged_weight_is_not_blessed(tiny_config):
+    from gptfast import checkpoint as ckpt
+
+    def inf_in_wte(blob):
+        blob["model"]["transformer.wte.weight"][3, 5] = float("inf")
+
+    step, lines, newest = restored_after(tiny_config, lambda p: resave(p, inf_in_wte, checksum=False))
+    assert step == 3  # the previous checkpoint
+    assert any("transformer.wte.weight holds non-finite values" in line for line in lines), lines
+    assert not ckpt.checksum_path(newest).exists()  # never blessed
+
+
+def test_an_unchecksummed_checkpoint_with_a_flipped_bit_fails_its_zip_crc(tiny_config):
+    def flip(path):
+        from gptfast import checkpoint as ckpt
+
+        ckpt.checksum_path(path).unlink()
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10  # inside the tensors' bytes
+        path.write_bytes(bytes(data))
+
+    step, lines, _ = restored_after(tiny_config, flip)
+    assert step == 3 and any("fails its CRC" in line for line in lines), lines
+
+
+def test_optimizer_state_of_the_wrong_shape_falls_back_naming_the_tensor(tiny_config):
+    def wrong_shape(blob):
+        state = blob["optimizer"]["state"]
+        state[0]["exp_avg"] = state[0]["exp_avg"][:-1].clone()
+
+    step, lines, _ = restored_after(tiny_config, lambda p: resave(p, wrong_shape, checksum=True))
+    assert step == 3
+    assert any("is damaged: optimizer state 'exp_avg' of transformer.wte.weight has shape" in line
+               for line in lines), lines
+
+
+def test_a_reader_never_writes_into_the_run_directory(tiny_config):
+    from gptfast import checkpoint as ckpt
+
+    Trainer(tiny_config(), log=quiet).run()
+    newest = ckpt.latest_checkpoint(tiny_config().train.out_dir)
+    ckpt.checksum_path(newest).unlink()
+    lines = []
+    assert ckpt.load_checkpoint(newest, log=lines.append)["step"] == 6  # as sample, export and eval read it
+    assert not ckpt.checksum_path(newest).exists() and "could not be verified" in lines[0]
