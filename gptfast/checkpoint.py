@@ -164,37 +164,60 @@ def file_sha256(path: Path) -> str:
 
 def load_checkpoint(path: str | Path, log: Callable[[str], None] = print, bless: bool = False) -> dict:
     """Read a checkpoint onto the CPU; an unreadable file is a CheckpointError, not a traceback.
-    A directory loads its newest healthy checkpoint. A missing checksum file is a warning, and
+    A directory loads its newest healthy checkpoint, chosen again once if a running trainer's
+    rotation removes it while it is read. A missing checksum file is a warning, and
     what can be verified without it is: the zip's own CRCs and finite weights (damage is a
     CheckpointError, so a resume falls back to the previous checkpoint). With `bless` (the caller
     holds the run directory: the trainer) its checksum is then written so later loads verify it;
     readers (sample, export, eval) never write into a run directory."""
     path = Path(path)
-    if path.is_dir():
+    if not path.is_dir():
+        return _load_file(path, log, bless)
+    for attempt in range(2):
         found = latest_checkpoint(path, healthy_only=True)
         if found is None:
             newest = latest_checkpoint(path)
             raise CheckpointError(f"{path} holds no checkpoint (ckpt_<step>.pt)" if newest is None else
                                   f"{path} holds no healthy checkpoint (the newest, {newest.name}, is marked "
                                   "unhealthy); name a checkpoint file to use it anyway")
-        path = found
+        try:
+            return _load_file(found, log, bless, vanished_ok=attempt == 0)
+        except _Vanished:
+            log(f"{found.name} was rotated away while it was read; choosing again")
+    raise AssertionError("unreachable")
+
+
+class _Vanished(Exception):
+    """The checkpoint file went away while it was read (a trainer's rotation)."""
+
+
+def _load_file(path: Path, log: Callable[[str], None], bless: bool, vanished_ok: bool = False) -> dict:
+    try:
+        return _read_checkpoint(path, log, bless)
+    except FileNotFoundError:
+        if vanished_ok:
+            raise _Vanished from None
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+
+
+def _read_checkpoint(path: Path, log: Callable[[str], None], bless: bool) -> dict:
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(path)
     sidecar = checksum_path(path)
     digest = file_sha256(path)
-    if sidecar.exists():
-        if digest != sidecar.read_text().strip():
-            raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
+    expected = sidecar.read_text().strip() if sidecar.exists() else None
+    if expected is not None and digest != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
+        raise
     except Exception as e:  # torch.load raises many types for a truncated or foreign file
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to paragraphs
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not a gptfast checkpoint (missing model, config or step)")
-    if not sidecar.exists():
+    if expected is None:
         verify_unchecksummed(path, state)
         log(f"warning: {path} has no {sidecar.name}, so its checksum could not be verified; its zip CRCs and "
             "weights were checked" + (", and its checksum is now written beside it" if bless else ""))
@@ -213,6 +236,8 @@ def verify_unchecksummed(path: Path, state: dict) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+    except FileNotFoundError:
+        raise
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged ({e})") from None
     if bad is not None:

@@ -1,5 +1,7 @@
 """The checkpointer (gptfast/checkpointer.py): every part restored through its own state_dict."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -184,3 +186,28 @@ def test_a_reader_never_writes_into_the_run_directory(tiny_config):
     lines = []
     assert ckpt.load_checkpoint(newest, log=lines.append)["step"] == 6  # as sample, export and eval read it
     assert not ckpt.checksum_path(newest).exists() and "could not be verified" in lines[0]
+
+
+@pytest.mark.parametrize("when", ["hashing", "loading"])
+def test_a_reader_whose_checkpoint_is_rotated_away_chooses_again(tiny_config, monkeypatch, when):
+    """sample / export / eval on a running trainer's directory: the newest checkpoint removed by
+    its rotation while it is read. The reader takes the next newest, once, not an error."""
+    from gptfast import checkpoint as ckpt
+
+    Trainer(tiny_config(), log=quiet).run()
+    out = tiny_config().train.out_dir
+    newest = ckpt.latest_checkpoint(out)
+    target = ckpt if when == "hashing" else ckpt.torch
+    real = target.file_sha256 if when == "hashing" else target.load
+    name = "file_sha256" if when == "hashing" else "load"
+
+    def rotating(path, *args, **kwargs):
+        if Path(path) == newest and newest.exists():
+            newest.unlink()  # what rotation does between the reader's choice and its read
+            ckpt.checksum_path(newest).unlink()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(target, name, rotating)
+    lines = []
+    assert ckpt.load_checkpoint(out, log=lines.append)["step"] == 3
+    assert any("rotated away while it was read; choosing again" in line for line in lines)
