@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import secrets
+import threading
 from pathlib import Path
 
 from gptfast.config import Config, LogConfig
@@ -64,23 +65,46 @@ class JsonlLogger:
 
 
 class TensorBoardLogger:
-    """Event files under out_dir/tensorboard, one scalar per metric against the optimizer step."""
+    """Event files under out_dir/tensorboard, one scalar per metric against the optimizer step. A
+    failed write (a full disk) is the run directory's one-line error: TensorBoard's writer thread
+    re-raises it in this one, so that thread's own traceback is not printed as well."""
 
-    def __init__(self, out_dir: Path, cfg: Config):
+    def __init__(self, run_dir: RunDir, cfg: Config):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-        self.writer.add_text("config", "```toml\n" + to_toml(cfg) + "\n```", 0)
+        self.run_dir, self.path = run_dir, run_dir.path / "tensorboard"
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_failed
+        self.writer = SummaryWriter(log_dir=str(self.path))
+        self._write(lambda: self.writer.add_text("config", "```toml\n" + to_toml(cfg) + "\n```", 0))
+
+    def _thread_failed(self, args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return  # said by the next write or flush in this thread, as one line
+        self._previous_hook(args)
+
+    def _write(self, action) -> None:
+        try:
+            action()
+        except OSError as e:
+            raise self.run_dir.write_failed(self.path, e) from None
 
     def log(self, record: dict) -> None:
         step = record.get("step", 0)
         summary = record.get("event") == "summary"
-        for name, value in scalars(record).items():
-            self.writer.add_scalar("summary/" + name.split("/", 1)[-1] if summary else name, value, step)
-        self.writer.flush()
+
+        def write():
+            for name, value in scalars(record).items():
+                self.writer.add_scalar("summary/" + name.split("/", 1)[-1] if summary else name, value, step)
+            self.writer.flush()
+
+        self._write(write)
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self._write(self.writer.close)
+        finally:
+            threading.excepthook = self._previous_hook
 
 
 class WandbLogger:
@@ -121,7 +145,7 @@ class Loggers:
             if name == "jsonl":
                 self.backends.append(JsonlLogger(run_dir))
             elif name == "tensorboard":
-                self.backends.append(TensorBoardLogger(run_dir.path, cfg))
+                self.backends.append(TensorBoardLogger(run_dir, cfg))
             elif name == "wandb":
                 self.backends.append(WandbLogger(run_dir.path, cfg))
 
@@ -130,6 +154,13 @@ class Loggers:
             backend.log(record)
 
     def close(self) -> None:
+        """Close every backend, even after one fails; then raise the first failure."""
+        failures = []
         for backend in self.backends:
-            backend.close()
+            try:
+                backend.close()
+            except Exception as e:
+                failures.append(e)
         self.backends = []
+        if failures:
+            raise failures[0]

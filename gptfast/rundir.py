@@ -42,7 +42,8 @@ class RunDir:
     def lock_path(self) -> Path:
         return self.path / ".lock"
 
-    def _write_failed(self, what: Path, error: OSError) -> RunDirError:
+    def write_failed(self, what: Path, error: OSError) -> RunDirError:
+        """The one-line error of a failed write into the run directory, naming what is intact."""
         return RunDirError(f"cannot write {what}: {error.strerror or error}; {ckpt.intact_note(self.path)}")
 
     # -- ownership -------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class RunDir:
         try:
             atomic_write(path, lambda f: f.write(data))
         except OSError as e:
-            raise self._write_failed(path, e) from None
+            raise self.write_failed(path, e) from None
         return path
 
     def write_config(self, text: str) -> None:
@@ -117,14 +118,14 @@ class RunDir:
         try:
             atomic_write(self.config_path, lambda f: f.write(data))
         except OSError as e:
-            raise self._write_failed(self.config_path, e) from None
+            raise self.write_failed(self.config_path, e) from None
 
     def append_metrics(self, record: dict) -> None:
         try:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise self._write_failed(self.metrics_path, e) from None
+            raise self.write_failed(self.metrics_path, e) from None
 
     def read_metrics(self) -> list[dict]:
         """The records of metrics.jsonl. A torn last line (a crash during an append) is dropped
@@ -155,7 +156,7 @@ class RunDir:
         try:
             atomic_write(self.metrics_path, lambda f: f.write(kept))
         except OSError as e:
-            raise self._write_failed(self.metrics_path, e) from None
+            raise self.write_failed(self.metrics_path, e) from None
 
     def set_aside(self, paths: list[Path], reason: str) -> Path | None:
         """Move `paths` into a new `old_<n>/` folder: nothing of an earlier run is deleted."""
@@ -171,7 +172,7 @@ class RunDir:
             for path in paths:
                 path.rename(keep / path.name)
         except OSError as e:
-            raise self._write_failed(keep, e) from None
+            raise self.write_failed(keep, e) from None
         self.log(f"{reason}: moved {len(paths)} files to {keep}")
         return keep
 

@@ -257,9 +257,15 @@ class Trainer:
         """Train to train.max_steps, or until `stop_requested` is set (by a signal handler): then
         the current step finishes, a checkpoint is written and the result says `stopped`."""
         try:
-            return self._run()
-        finally:
-            self.close()
+            result = self._run()
+        except BaseException:
+            try:
+                self.close()
+            except Exception as e:  # the run's own error is the one to say; this one is logged
+                self.log(f"warning: closing the run after its failure: {e}")
+            raise
+        self.close()
+        return result
 
     def close(self) -> None:
         """Close the loggers and release the run directory for another trainer (run() does this

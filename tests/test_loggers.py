@@ -79,3 +79,38 @@ def test_scalars_names_and_filters():
     record = {"step": 3, "loss": 2.5, "val_loss": 2.4, "mfu": None, "skipped": True, "grad_norm": float("nan"),
               "reason": "spike", "tokens": 96}
     assert scalars(record) == {"train/loss": 2.5, "val/loss": 2.4, "train/tokens": 96.0}
+
+
+@pytest.mark.parametrize("backends", ['["tensorboard"]', '["tensorboard", "jsonl"]'])
+def test_a_full_disk_under_tensorboard_is_one_line_naming_the_intact_checkpoint(data_dir, tmp_path, capsys,
+                                                                                monkeypatch, backends):
+    """TensorBoard's writer thread meets the full disk: one error line, exit 2, the newest healthy
+    checkpoint named, no thread traceback, the close not masking it."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    from conftest import REPO, tiny_overrides
+    from gptfast import checkpoint as ckpt
+    from gptfast.train import main as train_main
+
+    real, writes = record_writer.RecordWriter.write, []
+
+    def filling(self, data):
+        writes.append(1)
+        if len(writes) > 80:  # a few steps' scalars fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", filling)
+    out = tmp_path / "run"
+    argv = [str(REPO / "configs" / "cpu_smoke.toml"), *tiny_overrides(data_dir, out, {
+        "log.backends": backends, "train.checkpoint_interval": 1, "train.max_steps": 50})]
+    code = train_main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    newest = ckpt.latest_checkpoint(out, healthy_only=True)
+    assert lines[0].startswith(f"error: cannot write {out / 'tensorboard'}: No space left on device; "
+                               f"the newest healthy checkpoint {newest} is intact"), err
