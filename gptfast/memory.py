@@ -12,6 +12,7 @@ of a whole step (the loss path's term is checked with it), which is how the form
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from dataclasses import dataclass, replace
@@ -259,6 +260,7 @@ class Prediction:
     peak_bytes: int
     parts: dict[str, int]  # what the peak is made of
     relative_speed: float  # expected throughput relative to the fastest conceivable candidate
+    modelled_seconds: float | None = None  # the step-cost model's ESTIMATE of one optimizer step on a named card
 
 
 def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1,
@@ -352,13 +354,25 @@ class Plan:
     choice: Prediction
     considered: list[Prediction]
     budget_bytes: int
+    card: str | None = None  # the card the step-cost model timed the candidates for
+    tokens_per_sequence: int = 0  # the context: tokens per step = micro-batch x accumulation x this
 
 
-def plan(cfg: Config, budget_bytes: int, act_bytes: int = 2) -> Plan:
+def plan(cfg: Config, budget_bytes: int, act_bytes: int = 2, card: str | None = None) -> Plan:
     """The fastest candidate whose predicted peak fits the budget; tokens per step are kept.
     A budget nothing fits in is a ConfigError naming the smallest budget that would work.
-    act_bytes: 2 for bf16 / fp16 autocast (CUDA), 4 for fp32."""
+    act_bytes: 2 for bf16 / fp16 autocast (CUDA), 4 for fp32. card: time every candidate with the
+    step-cost model (gptfast.stepcost) for that card and choose by its ESTIMATE; without it, by
+    relative_speed's rule of thumb."""
     considered = candidates(cfg, act_bytes)
+    if card:
+        from gptfast.hardware import card_of
+        from gptfast.stepcost import plan_times
+
+        card = card_of(card).name
+        times = plan_times(cfg, sorted({c.micro_batch_size for c in considered}),
+                           list(dict.fromkeys(c.policy for c in considered)), card)
+        considered = [dataclasses.replace(c, modelled_seconds=times[(c.micro_batch_size, c.policy)]) for c in considered]
     fitting = [c for c in considered if fits(c, budget_bytes)]
     if not fitting:
         smallest = min(considered, key=lambda c: c.peak_bytes)
@@ -366,8 +380,11 @@ def plan(cfg: Config, budget_bytes: int, act_bytes: int = 2) -> Plan:
             f"memory budget {format_bytes(budget_bytes)}: no micro-batch and recompute policy fits this model; "
             f"the smallest plan (micro-batch {smallest.micro_batch_size}, recompute {smallest.policy}) needs "
             f"{format_bytes(smallest.peak_bytes * (1 + ALLOCATOR_SLACK))}")
-    best = max(fitting, key=lambda c: (c.relative_speed, c.micro_batch_size))
-    return Plan(best, considered, budget_bytes)
+    if card:
+        best = min(fitting, key=lambda c: (c.modelled_seconds, -c.micro_batch_size))
+    else:
+        best = max(fitting, key=lambda c: (c.relative_speed, c.micro_batch_size))
+    return Plan(best, considered, budget_bytes, card, cfg.model.block_size)
 
 
 def apply_plan(cfg: Config, chosen: Prediction) -> Config:
@@ -385,11 +402,19 @@ def format_plan(p: Plan, log: Callable[[str], None] = print) -> None:
     fastest = max(c.relative_speed for c in p.considered)
     log(f"memory plan for a budget of {format_bytes(p.budget_bytes)} (a plan fits when its predicted peak "
         f"+ {ALLOCATOR_SLACK:.0%} allocator slack does):")
-    log(f"  {'micro-batch':>11} {'accum':>6} {'recompute':>13} {'predicted peak':>15} {'speed':>6}  fits")
+    timed = p.card is not None
+    if timed:
+        log(f"modelled step times on an {p.card} are ESTIMATES of the step-cost model (gptfast.stepcost; "
+            "efficiencies in gptfast.hardware), not measurements")
+    speed = f" {'step s (est.)':>13} {'tokens/s (est.)':>15}" if timed else f" {'speed':>6}"
+    log(f"  {'micro-batch':>11} {'accum':>6} {'recompute':>13} {'predicted peak':>15}{speed}  fits")
     for c in sorted(p.considered, key=lambda c: (c.micro_batch_size, RECOMPUTE_POLICIES.index(c.policy))):
         mark = "  <- chosen" if c is p.choice else ""
-        log(f"  {c.micro_batch_size:>11} {c.grad_accum_steps:>6} {c.policy:>13} {format_bytes(c.peak_bytes):>15} "
-            f"{c.relative_speed / fastest:>6.2f}  {'yes' if fits(c, p.budget_bytes) else 'no'}{mark}")
+        tokens = c.micro_batch_size * c.grad_accum_steps * p.tokens_per_sequence
+        speed = (f" {c.modelled_seconds:>13.2f} {tokens / c.modelled_seconds:>15,.0f}" if timed
+                 else f" {c.relative_speed / fastest:>6.2f}")
+        log(f"  {c.micro_batch_size:>11} {c.grad_accum_steps:>6} {c.policy:>13} {format_bytes(c.peak_bytes):>15}"
+            f"{speed}  {'yes' if fits(c, p.budget_bytes) else 'no'}{mark}")
     parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.choice.parts.items())
     log(f"chosen: micro-batch {p.choice.micro_batch_size} x {p.choice.grad_accum_steps} accumulation, "
         f"recompute {p.choice.policy}; predicted peak {format_bytes(p.choice.peak_bytes)} ({parts})")

@@ -1,5 +1,7 @@
-"""`python -m gptfast.plan CONFIG --budget 12GiB [--section.key=value ...]`: which micro-batch and
-activation recomputation fit a GPU memory budget, predicted without a GPU."""
+"""`python -m gptfast.plan CONFIG --budget 12GiB [--device "RTX 4070"] [--section.key=value ...]`: which
+micro-batch and activation recomputation fit a GPU memory budget, predicted without a GPU; with
+--device, each candidate's step time on that card from the step-cost model (an estimate), and the
+fastest that fits chosen."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a training config (TOML)")
     parser.add_argument("--budget", required=True, help="GPU memory to plan for, e.g. 12GiB")
     parser.add_argument("--fp32", action="store_true", help="plan for float32 activations (CPU) instead of bf16")
+    parser.add_argument("--device", metavar="CARD", help="time every candidate with the step-cost model for this card "
+                        "(e.g. \"RTX 4070\": an estimate) and choose the fastest that fits")
     args, overrides = parser.parse_known_args(argv)
 
     def show():
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, model=model)
             print(f"planning init_from {cfg.train.init_from!r}: {model.n_layer} layers, {model.n_head} heads, "
                   f"{model.n_embd} wide, context {model.block_size}")
-        format_plan(plan(cfg, budget_bytes(args.budget, "--budget"), act_bytes=4 if args.fp32 else 2))
+        format_plan(plan(cfg, budget_bytes(args.budget, "--budget"), act_bytes=4 if args.fp32 else 2, card=args.device))
 
     return run_cli(show)
 

@@ -1,0 +1,86 @@
+"""The step-cost model (gptfast/stepcost.py): counts held out against arithmetic done by hand,
+and the planner choosing by its modelled time."""
+
+import pytest
+
+from gptfast.configfile import load_config
+from gptfast.stepcost import CATEGORIES, count_step, modelled_time
+
+B, T, L, H, C, V = 3, 48, 2, 4, 64, 512
+
+
+def config(extra=()):
+    return load_config(None, [f"--model.n_layer={L}", f"--model.n_head={H}", f"--model.n_embd={C}",
+                              f"--model.block_size={T}", f"--model.vocab_size={V}", "--model.dropout=0.0",
+                              "--train.micro_batch_size=3", "--train.grad_accum_steps=4", "--kernels.layernorm=false",
+                              "--kernels.cross_entropy=false", *extra])
+
+
+def test_a_micro_step_counts_what_the_arithmetic_says():
+    cost = count_step(config(), policy="none")
+    m = cost.micro
+    tokens = B * T
+    # every 2-D weight but the position table is a matmul operand (the head is the token table):
+    # 2 FLOPs a multiply-add, forward once and backward twice
+    matmul_weights = L * 12 * C * C + V * C
+    assert m.flops["matmuls"] == 6 * tokens * matmul_weights
+    # causal attention: QK^T and PV (4 B H T^2 D / 2) forward, 2.5 times that backward
+    assert m.flops["attention"] == L * 3.5 * 4 * B * H * T * T * (C // H) / 2
+    # bf16 autocast: each matmul weight and bias cast to bf16 (read 4 B, write 2) and its gradient
+    # cast back (read 2, write 4); every parameter's gradient accumulated in fp32 (read 4 + 4, write 4)
+    matmul_biases = L * (3 * C + C + 4 * C + C)
+    assert m.bytes["weight casts"] == 12 * (matmul_weights + matmul_biases)
+    n_params = L * (12 * C * C + 13 * C) + V * C + T * C + 2 * C  # GPT-2 with biases and LayerNorms
+    assert m.bytes["gradient accumulation"] == 12 * n_params
+    assert cost.grad_accum_steps == 4 and cost.tokens_per_step == 4 * tokens
+    assert set(m.flops) == set(CATEGORIES) and m.bytes["optimizer"] == 0 and cost.optimizer.bytes["optimizer"] > 0
+
+
+def test_recomputing_the_blocks_costs_their_forward_matmuls_again():
+    """Each block's forward again, up to its last matmul: the MLP's output projection is not
+    replayed (its backward needs its input, not its output, and recomputation stops early)."""
+    none, full = (count_step(config(), policy=p).micro for p in ("none", "full"))
+    assert full.flops["matmuls"] - none.flops["matmuls"] == 2 * B * T * L * (12 - 4) * C * C
+    assert full.flops["attention"] - none.flops["attention"] == L * 4 * B * H * T * T * (C // H) / 2
+
+
+def test_the_modelled_time_is_the_counts_over_the_cards_rates():
+    from gptfast import hardware
+
+    cost = count_step(config())
+    seconds = modelled_time(cost, "RTX 4070")
+    card = hardware.card_of("NVIDIA GeForce RTX 4070")
+    step = cost.step
+    memory = step.bytes["gradient accumulation"] / (card.bandwidth * hardware.MEMORY_EFFICIENCY)
+    assert seconds["gradient accumulation"] == pytest.approx(
+        memory + step.kernels["gradient accumulation"] * hardware.KERNEL_OVERHEAD_S)
+    assert seconds["matmuls"] == pytest.approx(step.work["matmuls"] / (card.peak_flops * hardware.MATMUL_EFFICIENCY)
+                                               + step.kernels["matmuls"] * hardware.KERNEL_OVERHEAD_S)
+    assert step.work["matmuls"] > step.flops["matmuls"]  # thin GEMMs count for more than their FLOPs
+    # a card with twice the bandwidth halves the memory-bound part
+    assert modelled_time(cost, "RTX 4090")["norms"] < seconds["norms"]
+
+
+def test_plan_with_a_device_chooses_the_fastest_modelled_plan_that_fits(capsys):
+    from gptfast.plan import main as plan_main
+
+    assert plan_main(["configs/cpu_smoke.toml", "--budget", "12GiB", "--device", "RTX 4070"]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATES of the step-cost model" in out and "tokens/s (est.)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    fitting = [r for r in rows if r[7] == "yes"]  # micro-batch accum policy peak GiB seconds tokens/s fits
+    chosen = [r for r in rows if r[-1] == "chosen"]
+    assert len(chosen) == 1 and float(chosen[0][5]) == min(float(r[5]) for r in fitting)
+    assert plan_main(["configs/cpu_smoke.toml", "--budget", "12GiB", "--device", "Voodoo 5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the step-cost model knows RTX 4070" in err
+
+
+def test_counting_needs_no_memory_at_real_shapes():
+    """GPT-2 medium at micro-batch 2 x 1024 tokens, counted on fake tensors: nothing allocated."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cost = count_step(load_config("configs/medium_4070.toml"), 2, "none")
+    assert cost.micro.flops["matmuls"] > 4e12  # 6 x 355M x 2048 tokens
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more
