@@ -11,6 +11,7 @@
 #   bench_kernels  LayerNorm / RMSNorm, cross-entropy and AdamW against torch eager, torch.compile,
 #                  the peers and the measured bandwidth floor
 #   bench_train    one optimizer step per 4070 config, gptfast vs the compiled PyTorch path
+#   bench_stepcost the step-cost model's milliseconds per category beside the profiler's (calibration)
 #   bench_compile  time to the first step, whole-model compile against regional (compile_scope blocks)
 #   bench_memory   the planner's predicted peak against the allocator's (--memory-grid=quick)
 #   bench_12gib    bench_train under a 12 GiB cap (--emulate-vram=12GiB)
@@ -25,7 +26,7 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d .carry/tiktoken_cache ]; then
     export TIKTOKEN_CACHE_DIR="$PWD/.carry/tiktoken_cache"
 fi
 PY=$(command -v python || command -v python3)  # some images have only python3
-ALL_STEPS=(tests_gpu bench_kernels bench_train bench_compile bench_memory bench_12gib tests)
+ALL_STEPS=(tests_gpu bench_kernels bench_train bench_stepcost bench_compile bench_memory bench_12gib tests)
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=("${ALL_STEPS[@]}")
 for s in "${steps[@]}"; do
@@ -57,6 +58,7 @@ for s in "${steps[@]}"; do
         tests_gpu)     cmd=("${pytest_q[@]}" tests/test_gpu.py tests/test_gpu_compile.py) ;;
         bench_kernels) cmd=("${pytest_q[@]}" bench/bench_layernorm.py bench/bench_cross_entropy.py bench/bench_adamw.py --benchmark-only) ;;
         bench_train)   cmd=("${pytest_q[@]}" bench/bench_train.py --benchmark-only) ;;
+        bench_stepcost) cmd=("${pytest_q[@]}" bench/bench_stepcost.py --benchmark-only) ;;
         bench_compile) cmd=("${pytest_q[@]}" bench/bench_compile.py --benchmark-only) ;;
         bench_memory)  cmd=("${pytest_q[@]}" bench/bench_memory.py --benchmark-only --memory-grid=quick) ;;
         bench_12gib)   cmd=("${pytest_q[@]}" bench/bench_train.py --benchmark-only --emulate-vram=12GiB) ;;

@@ -114,6 +114,25 @@ def _attention_flops(func, args, kwargs) -> float:
     return flops * (2.5 if "backward" in _op_name(func) else 1.0)
 
 
+def _linear_cross_entropy(func, args, kwargs) -> tuple[float, float, float]:
+    """(FLOPs, work, bytes) of gptfast's fused linear + cross-entropy ops, whose matmuls run
+    inside them (chunk by chunk): the logits h W^T, and with the gradients grad_h = g W and
+    grad_W = g^T h; each chunk's logits written once by the matmul, read and rewritten by the loss
+    kernel, read by the two gradient matmuls."""
+    named = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+    hidden, weight = named["hidden"], named["weight"]
+    n, c, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    grads = named.get("want_grads", True) and named.get("reduction", "none") != "none" or "bwd" in _op_name(func)
+    flops = 2.0 * n * v * c * (3 if grads else 1)
+    item = torch.empty((), dtype=named.get("compute_dtype", torch.bfloat16)).element_size()
+    logits = n * v * item * (5 if grads else 3)
+    return flops, flops / size_efficiency(min(n, c, v)), logits + _nbytes(hidden) + _nbytes(weight)
+
+
+CUSTOM_MATMULS = {"gptfast::linear_cross_entropy_fwd": _linear_cross_entropy,
+                  "gptfast::linear_cross_entropy_bwd_rows": _linear_cross_entropy}
+
+
 class _Counter(TorchDispatchMode):
     """Adds every op's FLOPs or bytes to `counts` under the category `phase` or the op's kind."""
 
@@ -135,6 +154,13 @@ class _Counter(TorchDispatchMode):
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         moved = sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
         flops, work = 0.0, 0.0
+        if name in CUSTOM_MATMULS:  # its matmuls as matmuls, the rest of its traffic as the loss's
+            flops, work, loss_bytes = CUSTOM_MATMULS[name](func, args, kwargs)
+            self.counts.flops["matmuls"] += flops
+            self.counts.work["matmuls"] += work
+            self.counts.bytes["loss"] += loss_bytes + moved
+            self.counts.kernels["loss"] += 1
+            return out
         if short in MATMULS:
             flops, smallest = _matmul_shape(name, args)
             work = flops / size_efficiency(smallest)

@@ -84,3 +84,12 @@ def test_counting_needs_no_memory_at_real_shapes():
     cost = count_step(load_config("configs/medium_4070.toml"), 2, "none")
     assert cost.micro.flops["matmuls"] > 4e12  # 6 x 355M x 2048 tokens
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more
+
+
+def test_the_fused_loss_counts_its_matmuls_as_the_pytorch_path_does():
+    """gptfast's linear + cross-entropy runs the head's matmuls inside a custom op: counted from its
+    shapes, the step's matmul FLOPs equal the PyTorch path's; its loss traffic is far less."""
+    fused = count_step(config(["--kernels.cross_entropy=true"])).micro
+    plain = count_step(config()).micro
+    assert fused.flops["matmuls"] == plain.flops["matmuls"]
+    assert fused.bytes["loss"] < plain.bytes["loss"]
