@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -65,10 +66,7 @@ def prepare_fineweb10b(data_dir: str | Path, shards: int = FINEWEB10B_TRAIN_SHAR
     if not 1 <= shards <= FINEWEB10B_TRAIN_SHARDS:
         raise DataError(f"--shards must be in [1, {FINEWEB10B_TRAIN_SHARDS}], got {shards}")
     base = base_url_of(base_url)
-    folder = Path(data_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = lock_dataset(folder, exclusive=True)
-    try:
+    with locked_folder(data_dir, name) as folder:
         names = fineweb10b_names(shards)
         counts = {"train": 0, "val": 0}
         all_names = [(split, n) for split in ("val", "train") for n in names[split]]
@@ -76,12 +74,22 @@ def prepare_fineweb10b(data_dir: str | Path, shards: int = FINEWEB10B_TRAIN_SHAR
             counts[split] += fetch_shard(folder, base, shard, log, label=f"[{index}/{len(all_names)}] ")
         write_meta(folder, {"name": name, "source": base, "shards": names,
                             "train_tokens": counts["train"], "val_tokens": counts["val"]})
-    finally:
-        if lock is not None:
-            lock.close()
     log(f"dataset '{name}': {len(names['train'])} train shards, {counts['train']:,} train tokens, "
         f"{counts['val']:,} val tokens")
     return folder
+
+
+@contextlib.contextmanager
+def locked_folder(data_dir: str | Path, name: str):
+    """data_dir/name, made if missing, held with the dataset's exclusive lock while shards arrive."""
+    folder = Path(data_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_dataset(folder, exclusive=True)
+    try:
+        yield folder
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def write_meta(folder: Path, facts: dict) -> None:
@@ -97,19 +105,13 @@ def start_fineweb10b(data_dir: str | Path, name: str = "fineweb10b", log: Callab
     shard now; meta.json lists every train shard (fetch: on demand), and the run's loader fetches
     the ones it will read (ShardFetcher), ahead of it, in the background."""
     base = base_url_of(base_url)
-    folder = Path(data_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = lock_dataset(folder, exclusive=True)
-    try:
+    with locked_folder(data_dir, name) as folder:
         names = fineweb10b_names(FINEWEB10B_TRAIN_SHARDS)
         log(f"dataset '{name}' is not prepared: fetching its val shard and first train shard from {base} now; "
             "the run fetches the other shards it reads while it trains")
         val = fetch_shard(folder, base, names["val"][0], log, label="[1/2] ")
         fetch_shard(folder, base, names["train"][0], log, label="[2/2] ")
         write_meta(folder, {"name": name, "source": base, "fetch": ON_DEMAND, "shards": names, "val_tokens": val})
-    finally:
-        if lock is not None:
-            lock.close()
     return folder
 
 
