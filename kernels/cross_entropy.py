@@ -48,8 +48,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _soft_cap(z, softcap):
-    return softcap * _tanh(z / softcap)
+def _soft_cap(z, softcap, inv_softcap):
+    return softcap * _tanh(z * inv_softcap)
 
 
 @triton.jit
@@ -70,6 +70,7 @@ def _cross_entropy_kernel(
     # meta
     ignore_index,
     softcap,  # c of the soft cap c * tanh(z / c), read when SOFTCAP
+    inv_softcap,  # 1 / c: a multiply per element, not a divide
     HAS_LSE: tl.constexpr,
     WRITE_LOSS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -88,27 +89,31 @@ def _cross_entropy_kernel(
         m = tl.load(lse_ptr + 2 * row)
         log_s = tl.load(lse_ptr + 2 * row + 1)
     else:
-        # Online log-sum-exp: a running max m and sum s of exp(z - m), rescaled as m grows.
-        m = float("-inf")
-        s = 0.0
+        # Online log-sum-exp, per lane: each lane keeps a running max and a sum of exp(z - max),
+        # rescaled as its max grows, with no block-wide reduction (and its barriers) inside the
+        # loop; the lanes are combined once after it.
+        m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s_lane = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             z = tl.load(logits_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
             if SOFTCAP:
-                z = _soft_cap(z, softcap)
+                z = _soft_cap(z, softcap, inv_softcap)
             z = tl.where(start + cols < n_classes, z, float("-inf"))  # padding columns are no class
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # while every logit so far is -inf (a masked prefix), shift by 0: exp(-inf - -inf) is NaN
+            m_new = tl.maximum(m_lane, z)
+            # while a lane has seen only -inf (a masked prefix), shift by 0: exp(-inf - -inf) is NaN
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
-            m = m_new
-        log_s = tl.log(s)
+            s_lane = s_lane * tl.exp(m_lane - shift) + tl.exp(z - shift)
+            m_lane = m_new
+        m = tl.max(m_lane, axis=0)
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(tl.sum(s_lane * tl.exp(m_lane - shift), axis=0))
         tl.store(lse_ptr + 2 * row, m)
         tl.store(lse_ptr + 2 * row + 1, log_s)
     if WRITE_LOSS:
         safe_target = tl.where(ignored, 0, target)
         z_target = tl.load(logits_row + safe_target).to(tl.float32)
         if SOFTCAP:
-            z_target = _soft_cap(z_target, softcap)
+            z_target = _soft_cap(z_target, softcap, inv_softcap)
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, log_s - (z_target - m)))
     if COMPUTE_GRAD:
         if GRAD_OUTPUT_PER_ROW:
@@ -123,7 +128,7 @@ def _cross_entropy_kernel(
             mask = start + cols < n_cols
             z = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
-                t = _tanh(z / softcap)
+                t = _tanh(z * inv_softcap)
                 z = softcap * t
             p = tl.where(start + cols < n_classes, tl.exp((z - m) - log_s), 0.0)
             p = tl.where(start + cols == target, p - 1.0, p)
@@ -175,6 +180,7 @@ def cross_entropy_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
         logits, targets, lse, loss, grad, grad_output, n_valid,
         logits.stride(0), grad.stride(0) if compute_grad else 0,
         n_cols, n_cols if n_classes is None else n_classes, ignore_index, float(softcap),
+        1.0 / softcap if softcap > 0 else 0.0,
         HAS_LSE=lse_given, WRITE_LOSS=loss is not None, COMPUTE_GRAD=compute_grad,
         GRAD_OUTPUT_PER_ROW=compute_grad and reduction == "none", MEAN=reduction == "mean",
         SOFTCAP=softcap > 0, BLOCK_V=block_v, INTERPRETED=interpreted(logits.device), num_warps=num_warps,
@@ -347,7 +353,10 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
                              grad=logits if want_grads else None, grad_output=go, reduction=reduction,
                              n_valid=n_valid, n_classes=n_classes, softcap=softcap)
         if want_grads:  # logits now hold their gradient
-            grad_hidden[start:end] = logits @ w  # (n, C)
+            if grad_hidden.dtype == logits.dtype:  # straight into the rows: no temporary, no copy
+                torch.mm(logits, w, out=grad_hidden[start:end])  # (n, C)
+            else:  # hidden in another dtype than the compute dtype (fp32 hidden, bf16 compute)
+                grad_hidden[start:end] = logits @ w
             grad_weight = _weight_grad_chunk(grad_weight, logits, h)  # (V, C) fp32, across chunks
     if want_grads and grad_weight is None:  # no rows
         grad_weight = torch.zeros(vocab, n_cols, dtype=torch.float32, device=device)

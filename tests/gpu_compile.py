@@ -105,7 +105,7 @@ def cross_entropy_cases():
     signature = {
         "logits_ptr": None, "targets_ptr": "*i64", "lse_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": None,
         "grad_output_ptr": "*fp32", "n_valid_ptr": "*fp32", "stride_logits_row": "i64", "stride_grad_row": "i64",
-        "n_cols": "i32", "n_classes": "i32", "ignore_index": "i64", "softcap": "fp32",
+        "n_cols": "i32", "n_classes": "i32", "ignore_index": "i64", "softcap": "fp32", "inv_softcap": "fp32",
     }
     for dtype in ("bf16", "fp32", "fp16"):
         for has_lse, write_loss, grad, per_row, mean, cap in (

@@ -384,3 +384,32 @@ def test_a_first_block_of_minus_infinity_is_no_nan():
     targets = torch.tensor([65540, 65600 - 1])
     loss = cross_entropy(logits, targets)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_many_column_blocks_per_row_match_torch(monkeypatch, softcap):
+    """The GPU's 4096-column blocks, at a size the interpreter runs: a 64-column block, so each row
+    of 1,000 classes (padding to 1,024 columns left out) takes 16 iterations of the per-lane online
+    log-sum-exp; one row's first three blocks are -inf (a masked prefix), one lane -inf throughout."""
+    import importlib
+
+    ce_module = importlib.import_module("kernels.cross_entropy")  # the module, not the function
+    monkeypatch.setattr(ce_module, "_block_v", lambda n_cols, device: (64, 1))
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    n_rows, n_cols, n_classes = 7, 1024, 1000
+    logits = (torch.randn(n_rows, n_cols, generator=g) * 4).to(DEVICE)
+    logits[0, :192] = float("-inf")
+    logits[1, 5::64] = float("-inf")
+    targets = torch.randint(192, n_classes, (n_rows,), generator=g).to(DEVICE)
+    lse = torch.empty(n_rows, 2, dtype=torch.float32, device=DEVICE)
+    loss = torch.full((n_rows,), float("nan"), device=DEVICE)
+    grad = torch.full_like(logits, float("nan"))
+    cross_entropy_launch(logits, targets, -100, lse, loss=loss, grad=grad, grad_output=torch.ones(1, device=DEVICE),
+                         reduction="sum", n_classes=n_classes, softcap=softcap)
+    x = logits[:, :n_classes].double().requires_grad_()
+    want = F.cross_entropy(soft_cap_ref(x, softcap), targets, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(grad[:, :n_classes].double(), want_grad, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    assert torch.all(grad[:, n_classes:] == 0)
