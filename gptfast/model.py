@@ -288,6 +288,9 @@ class GPT(nn.Module):
         # tensor, so a new window is a new value, not a recompilation. Not saved: a loaded model
         # attends over its final window.
         self.register_buffer("attn_window", torch.tensor(cfg.final_window), persistent=False)
+        # The upstream gradient the trainer promises the loss (1 / accumulation), set per step:
+        # the fused loss then scales its gradients in the kernel (0: no promise, scaled after)
+        self.loss_grad_scale = 0.0
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
@@ -557,7 +560,8 @@ class GPT(nn.Module):
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight,
                                             targets.reshape(-1), n_classes=self.config.vocab_size,
                                             compute_dtype=compute_dtype, softcap=self.config.logit_softcap,
-                                            chunk_bytes=self.kernel_cfg.loss_chunk_mib * 2**20)
+                                            chunk_bytes=self.kernel_cfg.loss_chunk_mib * 2**20,
+                                            grad_scale=self.loss_grad_scale)
 
     def _logits_with_cache(self, tokens: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of tokens (B, start + T), whose positions start..

@@ -224,6 +224,8 @@ class Trainer:
         progress = Progress(local_steps, f"step {self.step + 1}/{t.max_steps}: micro-batch", self.log,
                             after=self.cfg.log.progress_seconds)
         loss_sum = torch.zeros((), device=self.device)
+        # the loss's upstream gradient is exactly 1 / local_steps (fp16's loss scaler multiplies it)
+        self.model.loss_grad_scale = 0.0 if self.amp_dtype == torch.float16 else 1.0 / local_steps
         for i in range(local_steps):
             x, y = self.loader.batch("train", self.step, self.dist.rank * local_steps + i)
             # The mean over the step's micro-batches; DDP averages over ranks, so each rank divides
@@ -236,6 +238,7 @@ class Trainer:
                 self.optimizer.backward(loss)
             progress.update(i + 1)
         progress.close()
+        self.model.loss_grad_scale = 0.0  # a backward outside the step (a test's, a user's) promises nothing
         loss_sum, stop = distributed.mean_loss_and_stop(loss_sum, self.stop_requested, self.dist)
         grad_norm = self.optimizer.clip_and_norm()
         verdict, stop_votes = self.health.judge(loss_sum, grad_norm, also=stop)  # the step's one host sync

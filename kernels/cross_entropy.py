@@ -327,7 +327,7 @@ def _weight_grad_chunk(grad_weight: torch.Tensor | None, grad_logits: torch.Tens
 
 
 def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
-                      grad_output_rows, want_grads, n_classes, softcap):
+                      grad_output_rows, want_grads, n_classes, softcap, grad_scale=1.0):
     """The chunk loop shared by forward (loss, and gradients scaled for mean/sum) and the
     reduction="none" backward (gradients scaled per row).
     Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads."""
@@ -340,7 +340,8 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
     n_valid = (targets != ignore_index).sum().float()
     grad_hidden = torch.empty_like(hidden) if want_grads else None
     grad_weight = None
-    grad_output = grad_output_rows if grad_output_rows is not None else torch.ones(1, dtype=torch.float32, device=device)
+    grad_output = (grad_output_rows if grad_output_rows is not None
+                   else torch.full((1,), grad_scale, dtype=torch.float32, device=device))
     if chunk_bytes <= 0:
         chunk_bytes = auto_chunk_bytes(device)
     step = chunk_rows(n_rows, vocab, torch.finfo(compute_dtype).bits // 8, chunk_bytes)
@@ -366,19 +367,20 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
 @torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       reduction: str, compute_dtype: torch.dtype, chunk_bytes: int, want_grads: bool,
-                      n_classes: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      n_classes: int, softcap: float, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tensors("linear_cross_entropy", hidden, weight, targets)
     _check_targets(targets, hidden.shape[0], n_classes, ignore_index)
     grads_now = want_grads and reduction != "none"  # "none" needs per-row grad_output: backward recomputes
     loss_rows, n_valid, grad_hidden, grad_weight = _linear_ce_chunks(
         hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now, n_classes,
-        softcap)
+        softcap, grad_scale or 1.0)
     return (_reduce(loss_rows, reduction, n_valid), grad_hidden if grads_now else hidden.new_empty(0),
             grad_weight if grads_now else hidden.new_empty(0))
 
 
 @_linear_ce_fwd_op.register_fake
-def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap):
+def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap,
+      grad_scale):
     grads_now = want_grads and reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grads_now else hidden.new_empty(0)
@@ -402,13 +404,15 @@ def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_b
 
 
 def _linear_ce_setup(ctx, inputs, output):
-    hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap = inputs
+    (hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap,
+     grad_scale) = inputs
     _, grad_hidden, grad_weight = output
     # Only the loss is differentiated: the gradients of the two gradient outputs are never used,
     # and materialising them would zero-fill an (N, C) and a (V, C) fp32 buffer every step.
     ctx.set_materialize_grads(False)
     ctx.reduction, ctx.ignore_index, ctx.n_classes, ctx.softcap = reduction, ignore_index, n_classes, softcap
     ctx.compute_dtype, ctx.chunk_bytes, ctx.weight_dtype = compute_dtype, chunk_bytes, weight.dtype
+    ctx.grad_scale = grad_scale
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, targets)
     else:
@@ -425,10 +429,16 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden.numel() == 0 and grad_weight.numel() == 0:
             raise RuntimeError("linear_cross_entropy: backward through a forward run without gradients")
-        # The forward computed the gradients for grad_output = 1; scaling is a device op, no sync.
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        grad_weight = grad_weight * grad_loss
-    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None, None)
+        if ctx.grad_scale:
+            # The forward computed the gradients for grad_output = grad_scale, the caller's promise:
+            # kept, checked on the device (no host sync), not read and rewritten again.
+            torch._assert_async(grad_loss == ctx.grad_scale, "linear_cross_entropy: the upstream gradient is not "
+                                                               "the grad_scale promised to the forward")
+        else:
+            # The forward computed the gradients for grad_output = 1; scaling is a device op, no sync.
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_weight = grad_weight * grad_loss
+    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None, None, None)
 
 
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
@@ -437,7 +447,7 @@ _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_c
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          chunk_bytes: int | None, n_classes: int | None = None, ignore_index: int = -100,
                          reduction: str = "mean", compute_dtype: torch.dtype | None = None,
-                         softcap: float = 0.0) -> torch.Tensor:
+                         softcap: float = 0.0, grad_scale: float = 0.0) -> torch.Tensor:
     """`F.cross_entropy((hidden @ weight.T)[:, :n_classes], targets)` without the (N, V) logits;
     with `softcap` > 0 the logits are first capped, c * tanh(z / c), inside the kernel.
 
@@ -451,7 +461,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     chunk's logits (the caller's memory budget); None takes half the device's free memory, so
     the logits are one chunk whenever they fit. For "mean" and "sum" the gradients are computed
     during the forward (the logits exist only chunk by chunk, then); "none" computes its
-    gradients in backward, recomputing each chunk's logits.
+    gradients in backward, recomputing each chunk's logits. `grad_scale` > 0 ("mean" and "sum"):
+    the caller promises the loss's upstream gradient will be exactly this (the trainer's 1 /
+    accumulation), so the forward computes the gradients already scaled and backward returns them
+    as they are, instead of one more pass over the (V, C) fp32 gradient; a broken promise is a
+    device-side assertion.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -468,4 +482,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     compute_dtype = compute_dtype or hidden.dtype
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes or 0,
-                             want_grads, n_classes, float(softcap))[0]
+                             want_grads, n_classes, float(softcap), float(grad_scale))[0]

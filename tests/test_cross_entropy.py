@@ -413,3 +413,34 @@ def test_many_column_blocks_per_row_match_torch(monkeypatch, softcap):
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     torch.testing.assert_close(grad[:, :n_classes].double(), want_grad, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
     assert torch.all(grad[:, n_classes:] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_promised_grad_scale_gives_the_gradients_without_the_rescaling_pass(reduction, dtype):
+    """The trainer's loss / accumulation: told the upstream gradient (1/3) in advance, the forward
+    scales the gradients in the kernel and backward returns them as they are: the same gradients
+    as scaling afterwards (by the bf16 rule); a different upstream gradient is an error, not a
+    silently wrong gradient."""
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(45, 32, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(131, 32, generator=g) * 0.5).to(DEVICE, dtype)
+    targets = torch.randint(0, 120, (45,), generator=g).to(DEVICE)
+    grads = {}
+    for promise in (0.0, 1 / 3):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets, chunk_bytes=4096, n_classes=120, reduction=reduction,
+                                    grad_scale=promise) / 3
+        loss.backward()
+        grads[promise] = (loss.detach(), h.grad, w.grad)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    exact = F.cross_entropy((h64 @ w64.T)[:, :120], targets, reduction=reduction) / 3
+    exact.backward()
+    for i, (got, same, want) in enumerate(zip(grads[1 / 3], grads[0.0], (exact.detach(), h64.grad, w64.grad))):
+        assert_close_by_rule(got, same, want, ATOL[dtype if i else torch.float32], f"output {i} (seed {seed})")
+    h = hidden.clone().requires_grad_()
+    broken = linear_cross_entropy(h, weight, targets, chunk_bytes=4096, n_classes=120, reduction=reduction,
+                                  grad_scale=1 / 3) / 2
+    with pytest.raises(RuntimeError, match="not the grad_scale promised"):
+        broken.backward()

@@ -299,14 +299,16 @@ def test_golden_trajectory_with_fused_kernels(tiny_config, tmp_path):
             assert got == pytest.approx(want, rel=rel, abs=1e-6), (key, step)
 
 
-def test_accumulation_equals_one_large_batch(tiny_config):
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_accumulation_equals_one_large_batch(tiny_config, fused_loss):
     """k micro-batches of b give the loss, gradients and gradient norm of one batch of k*b (fp32).
     Mutant caught: dropping the `/ local_steps` scaling in Trainer.train_step (gradients k times
-    too large, loss the sum instead of the mean)."""
+    too large, loss the sum instead of the mean). With the fused loss the trainer promises it the
+    upstream gradient 1/3, which the kernel then applies itself."""
     import copy
 
-    trainer = Trainer(tiny_config({"train.grad_accum_steps": 3, "train.micro_batch_size": 2, "optim.grad_clip": 0.0}),
-                      log=quiet)
+    trainer = Trainer(tiny_config({"train.grad_accum_steps": 3, "train.micro_batch_size": 2, "optim.grad_clip": 0.0,
+                                   "kernels.cross_entropy": fused_loss}), log=quiet)
     reference = copy.deepcopy(trainer.model)  # the weights before the step
     captured = {}
     apply_update = trainer.optimizer.step
