@@ -127,7 +127,6 @@ class ShardFetcher:
         self.lock = threading.Lock()  # one download at a time: ensure() waits for the background's
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
-        self.failure: str | None = None  # the background's last failure, said when the shard is needed
 
     def present(self, i: int) -> bool:
         return (self.folder / self.names[i]).exists()
@@ -161,12 +160,14 @@ class ShardFetcher:
     def _fetch_ahead(self, tokens: int, counts: list[int]) -> None:
         while sum(counts) < tokens and len(counts) < len(self.names) and not self.stop.is_set():
             i = len(counts)
+            had = self.present(i)
             count = self._fetch_with_retries(i)
             if count is None:
                 return
             counts.append(count)
-            self.log(f"fetched {self.names[i]} ({count:,} tokens; the shards hold {sum(counts):,} of the run's "
-                     f"{tokens:,})")
+            if not had:
+                    self.log(f"fetched {self.names[i]} ({count:,} tokens; the shards hold {sum(counts):,} of the "
+                         f"run's {tokens:,})")
 
     def _fetch_with_retries(self, i: int) -> int | None:
         for wait in (*RETRY_SECONDS, None):
@@ -174,7 +175,6 @@ class ShardFetcher:
                 with self.lock:
                     return fetch_shard(self.folder, self.base, self.names[i], lambda _: None, stop=self.stop)
             except DataError as e:
-                self.failure = str(e)
                 if wait is None or self.stop.wait(wait):
                     self.log(f"background fetch of {self.names[i]} failed ({e}); the run tries again when it "
                              "reaches that shard")

@@ -163,6 +163,7 @@ class TokenLoader:
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
         self.folder, self.vocab_size = folder, vocab_size
         self.tokens_before = tokens_before or (lambda step: step * batch_size * block_size)
+        self._step_start = (-1, 0)  # (step, tokens_before(step)) of the last step asked for
         self.lock = lock_dataset(folder, exclusive=False)  # `prepare` waits until this loader is closed
         self.meta = read_meta(folder)
         shards = self.meta.get("shards") if isinstance(self.meta.get("shards"), dict) else {}
@@ -247,7 +248,14 @@ class TokenLoader:
         that cannot be had is a DataError before any of the step is computed."""
         if self.shard_names:
             for micro_step in (0, micro_steps - 1):
-                self.shard_at(self.tokens_before(step) + micro_step * self.batch_size * self.block_size)
+                self.shard_at(self._position(step, micro_step))
+
+    def _position(self, step: int, micro_step: int) -> int:
+        """Where micro-batch `micro_step` of step `step` starts in the run's train tokens; the
+        step's start is computed once per step (tokens_before sums the batch schedule's steps)."""
+        if self._step_start[0] != step:
+            self._step_start = (step, self.tokens_before(step))
+        return self._step_start[1] + micro_step * self.batch_size * self.block_size
 
     def close(self) -> None:
         """Stop fetching and release the dataset's shared lock (the process's exit does too)."""
@@ -261,8 +269,7 @@ class TokenLoader:
         """(x, y), each (batch_size, block_size) int64 on the device; y is x shifted by one token."""
         rng = np.random.default_rng([self.seed, self.SPLIT_IDS[split], step, micro_step])
         if split == "train" and self.shard_names:
-            tokens = self.shard_arrays[self.shard_at(self.tokens_before(step)
-                                                     + micro_step * self.batch_size * self.block_size)]
+            tokens = self.shard_arrays[self.shard_at(self._position(step, micro_step))]
             starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
             windows = np.stack([tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
         else:

@@ -158,7 +158,7 @@ def state_shape_problem(inner, state: dict, names: dict[int, str]) -> str | None
         ids = [i for group in saved["param_groups"] for i in group.get("params", [])]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if len(ids) != len(params):
-            return f"optimizer state for {len(ids)} parameters, this optimizer has {len(params)}"
+            return None  # another optimizer's grouping (a changed [optim]): check_resumable names the change
         for index, p in zip(ids, params):
             for key, value in saved["state"].get(index, {}).items():
                 if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
