@@ -62,16 +62,21 @@ def seed_rank(seed: int, info: DistInfo, step: int) -> None:
     torch.manual_seed(seed + RANK_SEED_STRIDE * info.rank + step)
 
 
-def wrap(model: torch.nn.Module, t: TrainConfig, info: DistInfo, device: torch.device):
+def wrap(model: torch.nn.Module, t: TrainConfig, info: DistInfo, device: torch.device, grad_accum=None):
     """(the module a training step calls, the module an evaluation calls): DDP around the model
     when there are several ranks (rank 0 evaluates alone, without collectives), then whole-model
-    torch.compile when train.compile_scope is "model" (regional compilation is the model's own)."""
+    torch.compile when train.compile_scope is "model" (regional compilation is the model's own).
+    The weights of `grad_accum` (gptfast.gradaccum.GradAccumulation) are left out of DDP, which
+    would never see their gradients: the trainer all-reduces those itself."""
     if t.compile and t.compile_scope == "blocks":
         model.compile_blocks()
     compile_whole = t.compile and t.compile_scope == "model"
     if info.world_size == 1:
         train_model = torch.compile(model) if compile_whole else model
         return train_model, train_model
+    if grad_accum is not None:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, grad_accum.ignored_names(model))
+        grad_accum.broadcast()  # DDP's start-up broadcast skips the weights it leaves alone
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return (torch.compile(ddp) if compile_whole else ddp), model
 

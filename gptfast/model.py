@@ -30,6 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from gptfast.config import KernelsConfig, ModelConfig, RecomputeConfig
+from gptfast.gradaccum import Linear
 
 aten = torch.ops.aten
 # Selective recomputation keeps the outputs of these (matmuls, attention: costly to recompute) and
@@ -164,8 +165,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.ve_mix = None  # (2,): v -> ve_mix[0] * v + ve_mix[1] * ve, in blocks given a value embedding
 
@@ -209,8 +210,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.relu2 = cfg.mlp == "relu2"
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +292,7 @@ class GPT(nn.Module):
         # The upstream gradient the trainer promises the loss (1 / accumulation), set per step:
         # the fused loss then scales its gradients in the kernel (0: no promise, scaled after)
         self.loss_grad_scale = 0.0
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
         self.reset_parameters()

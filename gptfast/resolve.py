@@ -16,6 +16,7 @@ import torch
 from gptfast.config import Config, KernelsConfig
 from gptfast.device import device_name, memory_capacity_bytes
 from gptfast.errors import ConfigError
+from gptfast.gradaccum import fp32_output_matmul
 
 TRITON_OPS = ("layernorm", "cross_entropy", "adamw")
 
@@ -64,6 +65,10 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
             log(f"init_from {t.init_from!r}: {folder}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(folder)))
     cfg = dataclasses.replace(cfg, kernels=available_kernels(cfg.kernels, device, log))
+    if cfg.kernels.fused_grad_accum and amp_dtype is not None and not fp32_output_matmul(device):
+        log(f"kernels.fused_grad_accum: torch {torch.__version__} has no {amp_dtype} matmul with an fp32 output on "
+            f"{device.type}: each micro-step's weight gradient is rounded to {amp_dtype} before the fp32 "
+            "accumulation, as on PyTorch's path (the weight copies still replace the per-micro-step casts)")
     if cfg.kernels.flex_attention and device.type != "cuda":
         # config.toml records what runs: on the CPU torch has no FlexAttention backward
         if cfg.model.masked_attention:

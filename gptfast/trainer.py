@@ -29,6 +29,7 @@ from gptfast.errors import DataError, GptfastError, PreStartProblems
 from gptfast.hardware import peak_bf16_flops
 from gptfast.health import HealthGuard, HealthMonitor, Verdict
 from gptfast.hellaswag import evaluate_model, hellaswag_items
+from gptfast.gradaccum import GradAccumulation
 from gptfast.inference import autocast, sample_text
 from gptfast.loader import TokenLoader
 from gptfast.loggers import Loggers, check_backends
@@ -72,8 +73,10 @@ class Trainer:
                 self._start_or_resume()
                 self.health.baseline(self.model)  # the first update is judged against these weights
                 distributed.seed_rank(self.cfg.train.seed, self.dist, self.step)
+                # after any restore: the weight copies are made from the weights the run starts on
+                self.grad_accum = GradAccumulation(self.model, self.amp_dtype) if self.cfg.kernels.fused_grad_accum else None
                 self.train_model, self.eval_model = distributed.wrap(self.model, self.cfg.train, self.dist,
-                                                                     self.device)
+                                                                     self.device, self.grad_accum)
             except BaseException:
                 self.run_dir.abandon()  # a bad init_from or checkpoint leaves no held lock behind
                 raise
@@ -226,6 +229,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         # the loss's upstream gradient is exactly 1 / local_steps (fp16's loss scaler multiplies it)
         self.model.loss_grad_scale = 0.0 if self.amp_dtype == torch.float16 else 1.0 / local_steps
+        if self.grad_accum:
+            self.grad_accum.begin_step()
         for i in range(local_steps):
             x, y = self.loader.batch("train", self.step, self.dist.rank * local_steps + i)
             # The mean over the step's micro-batches; DDP averages over ranks, so each rank divides
@@ -239,12 +244,16 @@ class Trainer:
             progress.update(i + 1)
         progress.close()
         self.model.loss_grad_scale = 0.0  # a backward outside the step (a test's, a user's) promises nothing
+        if self.grad_accum and self.dist.world_size > 1:
+            self.grad_accum.all_reduce(self.dist.world_size)  # the weights DDP leaves alone
         loss_sum, stop = distributed.mean_loss_and_stop(loss_sum, self.stop_requested, self.dist)
         grad_norm = self.optimizer.clip_and_norm()
         verdict, stop_votes = self.health.judge(loss_sum, grad_norm, also=stop)  # the step's one host sync
         self.stop_requested = self.stop_requested or bool(stop_votes)
         if verdict.healthy:
             self.optimizer.step()
+            if self.grad_accum:
+                self.grad_accum.refresh()  # the next step's forward reads the updated weights' copies
             self.health.updated(self.model)
         else:  # not stepped on: zero_grad below drops them (and FusedAdamW's norm of them)
             # This loss was computed with the weights after the previous update: a checkpoint of

@@ -34,11 +34,15 @@ KERNELS_AND_RECOMPUTE = {"kernels.layernorm": True, "kernels.cross_entropy": Tru
 
 MUON_WITH_KERNELS = dict(KERNELS_AND_RECOMPUTE, **{"optim.name": '"muon"'})
 MODERN_MUON_WITH_KERNELS = dict(MUON_WITH_KERNELS, **{"model.arch": '"modern"'})
+# the fused weights are left out of DDP and all-reduced by the trainer (gptfast.gradaccum)
+FUSED_GRAD_ACCUM = {"kernels.fused_grad_accum": True}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE, MUON_WITH_KERNELS, MODERN_MUON_WITH_KERNELS],
-                         ids=["pytorch", "kernels+recompute", "muon+kernels+recompute", "modern+muon+kernels+recompute"])
+@pytest.mark.parametrize("extra", [{}, KERNELS_AND_RECOMPUTE, MUON_WITH_KERNELS, MODERN_MUON_WITH_KERNELS,
+                                   FUSED_GRAD_ACCUM, dict(MODERN_MUON_WITH_KERNELS, **FUSED_GRAD_ACCUM)],
+                         ids=["pytorch", "kernels+recompute", "muon+kernels+recompute", "modern+muon+kernels+recompute",
+                              "fused_grad_accum", "modern+muon+kernels+recompute+fused_grad_accum"])
 def test_two_processes_follow_the_single_process_trajectory(data_dir, tmp_path, extra):
     run(data_dir, tmp_path / "one", 1, **extra)
     two = run(data_dir, tmp_path / "two", 2, **extra)

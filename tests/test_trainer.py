@@ -40,12 +40,14 @@ EVERY_KERNEL = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kerne
 
 
 MODERN = {"model.arch": '"modern"'}
+FUSED_GRAD_ACCUM = {"kernels.fused_grad_accum": True}
 
 
 @pytest.mark.parametrize("extra", [{"model.dropout": 0.0}, {"model.dropout": 0.1}, MUON, dict(MUON, **EVERY_KERNEL),
-                                   dict(MODERN, **MUON), dict(MODERN, **MUON, **EVERY_KERNEL)],
+                                   dict(MODERN, **MUON), dict(MODERN, **MUON, **EVERY_KERNEL), FUSED_GRAD_ACCUM,
+                                   dict(MODERN, **MUON, **FUSED_GRAD_ACCUM)],
                          ids=["adamw", "adamw+dropout", "muon", "muon+kernels+recompute", "modern+muon",
-                              "modern+muon+kernels+recompute"])
+                              "modern+muon+kernels+recompute", "adamw+fused_grad_accum", "modern+muon+fused_grad_accum"])
 def test_interrupted_run_resumes_bit_exact(tiny_config, tmp_path, extra):
     straight = Trainer(tiny_config(extra, out_dir=tmp_path / "straight"), log=quiet)
     straight.run()
@@ -299,8 +301,9 @@ def test_golden_trajectory_with_fused_kernels(tiny_config, tmp_path):
             assert got == pytest.approx(want, rel=rel, abs=1e-6), (key, step)
 
 
-@pytest.mark.parametrize("fused_loss", [False, True])
-def test_accumulation_equals_one_large_batch(tiny_config, fused_loss):
+@pytest.mark.parametrize("fused_loss,fused_grad_accum", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["pytorch", "fused_loss", "fused_grad_accum", "fused_loss+fused_grad_accum"])
+def test_accumulation_equals_one_large_batch(tiny_config, fused_loss, fused_grad_accum):
     """k micro-batches of b give the loss, gradients and gradient norm of one batch of k*b (fp32).
     Mutant caught: dropping the `/ local_steps` scaling in Trainer.train_step (gradients k times
     too large, loss the sum instead of the mean). With the fused loss the trainer promises it the
@@ -308,8 +311,11 @@ def test_accumulation_equals_one_large_batch(tiny_config, fused_loss):
     import copy
 
     trainer = Trainer(tiny_config({"train.grad_accum_steps": 3, "train.micro_batch_size": 2, "optim.grad_clip": 0.0,
-                                   "kernels.cross_entropy": fused_loss}), log=quiet)
+                                   "kernels.cross_entropy": fused_loss,
+                                   "kernels.fused_grad_accum": fused_grad_accum}), log=quiet)
     reference = copy.deepcopy(trainer.model)  # the weights before the step
+    for module in reference.modules():  # the reference differentiates through autograd alone
+        module.main_grad = None
     captured = {}
     apply_update = trainer.optimizer.step
 
