@@ -92,11 +92,12 @@ class Linear(nn.Linear):
     main_grad: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.main_grad is not None and torch.is_grad_enabled() and self._copy_in_use(x):
+        if self.main_grad is not None and torch.is_grad_enabled() and self.copy_in_use(x):
             return AccumulatedLinear.apply(x, self.weight_copy, self.bias, self.main_grad)
         return F.linear(x, self.weight, self.bias)
 
-    def _copy_in_use(self, x: torch.Tensor) -> bool:
+    def copy_in_use(self, x: torch.Tensor) -> bool:
+        """Whether a forward on `x` now computes in the copy's dtype."""
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type) == self.weight_copy.dtype
@@ -111,9 +112,10 @@ class GradAccumulation:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None):
         self.modules = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+        self.copied = dtype is not None and dtype != torch.float32  # else each copy is its weight itself
         for m in self.modules.values():
             w = m.weight
-            m.weight_copy = w.detach() if dtype is None or dtype == w.dtype else torch.empty_like(w, dtype=dtype)
+            m.weight_copy = torch.empty_like(w, dtype=dtype) if self.copied else w.detach()
             m.main_grad = torch.zeros_like(w, dtype=torch.float32)
         self.refresh()
 
@@ -127,8 +129,8 @@ class GradAccumulation:
     @torch.no_grad()
     def refresh(self) -> None:
         """Every weight copy made anew from its weight (6 bytes per weight in bf16)."""
-        for m in self.modules.values():
-            if m.weight_copy.data_ptr() != m.weight.data_ptr():
+        if self.copied:
+            for m in self.modules.values():
                 m.weight_copy.copy_(m.weight)
 
     @torch.no_grad()

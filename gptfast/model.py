@@ -558,11 +558,16 @@ class GPT(nn.Module):
 
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight,
+        head, weight, into = self.lm_head, self.lm_head.weight, None
+        if head.main_grad is not None and torch.is_grad_enabled() and self.loss_grad_scale and head.copy_in_use(hidden):
+            # kernels.fused_grad_accum: the head reads its once-per-step copy and adds its gradient
+            # into the buffer itself (which needs the trainer's promise of the upstream gradient)
+            weight, into = head.weight_copy, head.main_grad
+        return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight,
                                             targets.reshape(-1), n_classes=self.config.vocab_size,
                                             compute_dtype=compute_dtype, softcap=self.config.logit_softcap,
                                             chunk_bytes=self.kernel_cfg.loss_chunk_mib * 2**20,
-                                            grad_scale=self.loss_grad_scale)
+                                            grad_scale=self.loss_grad_scale, grad_weight_into=into)
 
     def _logits_with_cache(self, tokens: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of tokens (B, start + T), whose positions start..

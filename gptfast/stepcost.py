@@ -130,6 +130,7 @@ def _linear_cross_entropy(func, args, kwargs) -> tuple[float, float, float]:
 
 
 CUSTOM_MATMULS = {"gptfast::linear_cross_entropy_fwd": _linear_cross_entropy,
+                  "gptfast::linear_cross_entropy_fwd_into": _linear_cross_entropy,
                   "gptfast::linear_cross_entropy_bwd_rows": _linear_cross_entropy}
 
 
@@ -161,6 +162,14 @@ class _Counter(TorchDispatchMode):
             self.counts.bytes["loss"] += loss_bytes + moved
             self.counts.kernels["loss"] += 1
             return out
+        if name == "gptfast::accumulate_weight_grad":
+            # an fp32-output GEMM whose epilogue adds into the buffer (kernels.fused_grad_accum):
+            # its 8 bytes per weight are the matmul's, whose time is its FLOPs
+            main_grad, grad_out, x = args[:3]
+            flops = 2.0 * grad_out.shape[0] * grad_out.shape[1] * x.shape[1]
+            self._add(self.phase or "matmuls", flops, flops / size_efficiency(min(*grad_out.shape, x.shape[1])),
+                      moved + _nbytes(main_grad))
+            return out
         if short in MATMULS:
             flops, smallest = _matmul_shape(name, args)
             work = flops / size_efficiency(smallest)
@@ -182,11 +191,14 @@ class _Counter(TorchDispatchMode):
             category = "gradient accumulation"
         else:
             category = "other elementwise"
+        self._add(category, flops, work, moved)
+        return out
+
+    def _add(self, category: str, flops: float, work: float, moved: float) -> None:
         self.counts.flops[category] += flops
         self.counts.work[category] += work
         self.counts.bytes[category] += moved
         self.counts.kernels[category] += 1
-        return out
 
 
 def count_step(cfg: Config, micro_batch_size: int | None = None, policy: str | None = None,
@@ -196,6 +208,7 @@ def count_step(cfg: Config, micro_batch_size: int | None = None, policy: str | N
     accumulation keeping the config's tokens per step. amp_dtype None: fp32, no autocast."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from gptfast.gradaccum import GradAccumulation
     from gptfast.model import GPT
     from gptfast.optim import build_optimizer
 
@@ -214,6 +227,17 @@ def count_step(cfg: Config, micro_batch_size: int | None = None, policy: str | N
         params = list(model.parameters())
         counter = _Counter(set(), {id(p) for p in params})
         counter.param_shapes = {tuple(p.shape) for p in params}
+        # kernels.fused_grad_accum: the weight copies are made once per optimizer step (after the
+        # update), the buffers zeroed once: both counted with the optimizer step, in their categories
+        accumulation = GradAccumulation(model, amp_dtype) if cfg.kernels.fused_grad_accum else None
+        per_step = Counts()
+        if accumulation:
+            for phase, work in (("weight casts", accumulation.refresh), ("gradient accumulation", accumulation.begin_step)):
+                counter.counts, counter.phase = Counts(), phase
+                with counter:
+                    work()
+                per_step = per_step + counter.counts
+            counter.phase = None
         micro = []
         for _ in range(2):
             counter.counts = Counts()
@@ -227,7 +251,7 @@ def count_step(cfg: Config, micro_batch_size: int | None = None, policy: str | N
         counter.counts, counter.phase = Counts(), "optimizer"
         with counter, torch.no_grad():
             optimizer.step()
-        optimizer_counts = counter.counts
+        optimizer_counts = counter.counts + per_step
     return StepCost(micro[1], optimizer_counts, max(1, sequences // b), sequences * cfg.model.block_size)
 
 

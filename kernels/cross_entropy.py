@@ -327,10 +327,11 @@ def _weight_grad_chunk(grad_weight: torch.Tensor | None, grad_logits: torch.Tens
 
 
 def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
-                      grad_output_rows, want_grads, n_classes, softcap, grad_scale=1.0):
+                      grad_output_rows, want_grads, n_classes, softcap, grad_scale=1.0, grad_weight_into=None):
     """The chunk loop shared by forward (loss, and gradients scaled for mean/sum) and the
     reduction="none" backward (gradients scaled per row).
-    Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads."""
+    Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads.
+    grad_weight_into: an fp32 (V, C) buffer the weight's gradient is added into (and returned)."""
     n_rows, n_cols = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -339,7 +340,7 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
     lse = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
     n_valid = (targets != ignore_index).sum().float()
     grad_hidden = torch.empty_like(hidden) if want_grads else None
-    grad_weight = None
+    grad_weight = grad_weight_into
     grad_output = (grad_output_rows if grad_output_rows is not None
                    else torch.full((1,), grad_scale, dtype=torch.float32, device=device))
     if chunk_bytes <= 0:
@@ -444,10 +445,53 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
+@torch.library.custom_op("gptfast::linear_cross_entropy_fwd_into", mutates_args=("grad_weight_into",))
+def _linear_ce_fwd_into_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           grad_weight_into: torch.Tensor, ignore_index: int, reduction: str,
+                           compute_dtype: torch.dtype, chunk_bytes: int, n_classes: int, softcap: float,
+                           grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward with gradients, the weight's added into grad_weight_into (in place)."""
+    check_tensors("linear_cross_entropy", hidden, weight, targets, grad_weight_into)
+    _check_targets(targets, hidden.shape[0], n_classes, ignore_index)
+    loss_rows, n_valid, grad_hidden, _ = _linear_ce_chunks(
+        hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, True, n_classes, softcap,
+        grad_scale, grad_weight_into)
+    return _reduce(loss_rows, reduction, n_valid), grad_hidden
+
+
+@_linear_ce_fwd_into_op.register_fake
+def _(hidden, weight, targets, grad_weight_into, ignore_index, reduction, compute_dtype, chunk_bytes, n_classes,
+      softcap, grad_scale):
+    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden)
+
+
+class _LinearCrossEntropyInto(torch.autograd.Function):
+    """The loss whose forward adds the weight's gradient into a buffer (a mutating op has no
+    registered autograd formula, so this Function carries it): backward returns grad_hidden alone,
+    computed for the promised upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, grad_weight_into, ignore_index, reduction, compute_dtype, chunk_bytes,
+                n_classes, softcap, grad_scale):
+        loss, grad_hidden = _linear_ce_fwd_into_op(hidden, weight, targets, grad_weight_into, ignore_index, reduction,
+                                                   compute_dtype, chunk_bytes, n_classes, softcap, grad_scale)
+        ctx.save_for_backward(grad_hidden)
+        ctx.grad_scale = grad_scale
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        torch._assert_async(grad_loss == ctx.grad_scale, "linear_cross_entropy: the upstream gradient is not "
+                                                           "the grad_scale promised to the forward")
+        return (grad_hidden,) + (None,) * 10
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          chunk_bytes: int | None, n_classes: int | None = None, ignore_index: int = -100,
                          reduction: str = "mean", compute_dtype: torch.dtype | None = None,
-                         softcap: float = 0.0, grad_scale: float = 0.0) -> torch.Tensor:
+                         softcap: float = 0.0, grad_scale: float = 0.0,
+                         grad_weight_into: torch.Tensor | None = None) -> torch.Tensor:
     """`F.cross_entropy((hidden @ weight.T)[:, :n_classes], targets)` without the (N, V) logits;
     with `softcap` > 0 the logits are first capped, c * tanh(z / c), inside the kernel.
 
@@ -465,7 +509,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     the caller promises the loss's upstream gradient will be exactly this (the trainer's 1 /
     accumulation), so the forward computes the gradients already scaled and backward returns them
     as they are, instead of one more pass over the (V, C) fp32 gradient; a broken promise is a
-    device-side assertion.
+    device-side assertion. `grad_weight_into` (with a grad_scale promise): an fp32 (V, C) buffer
+    the forward adds the weight's gradient into, in place (the fp32-output matmul's epilogue on
+    CUDA), instead of returning it for autograd to accumulate: the trainer's fused weight-gradient
+    accumulation (gptfast.gradaccum), which passes `weight` as its once-per-step copy. The forward
+    then always computes the gradients: call it only for a loss that backward will reach.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -480,6 +528,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_bytes must be positive (or None), got {chunk_bytes}")
     compute_dtype = compute_dtype or hidden.dtype
+    if grad_weight_into is not None:
+        if not (grad_scale > 0 and reduction != "none"):
+            raise ValueError("linear_cross_entropy: grad_weight_into needs a grad_scale promise and reduction mean or sum")
+        if grad_weight_into.shape != weight.shape or grad_weight_into.dtype != torch.float32:
+            raise ValueError(f"linear_cross_entropy: grad_weight_into must be fp32 {tuple(weight.shape)}, got "
+                             f"{grad_weight_into.dtype} {tuple(grad_weight_into.shape)}")
+        return _LinearCrossEntropyInto.apply(hidden, weight, targets, grad_weight_into, ignore_index, reduction,
+                                             compute_dtype, chunk_bytes or 0, n_classes, float(softcap),
+                                             float(grad_scale))
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes or 0,
                              want_grads, n_classes, float(softcap), float(grad_scale))[0]

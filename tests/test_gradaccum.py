@@ -18,10 +18,11 @@ def model_config(arch: str) -> ModelConfig:
 
 
 def accumulated_grads(arch: str, dtype, policy: str, fused: bool, scope: str | None = None, micro_steps: int = 3,
-                      seed: int = 0) -> dict[str, torch.Tensor]:
+                      seed: int = 0, fused_loss: bool = False) -> dict[str, torch.Tensor]:
     """The .grad of every parameter after `micro_steps` micro-batches of loss / micro_steps."""
     torch.manual_seed(seed)
-    model = GPT(model_config(arch), KernelsConfig(), RecomputeConfig(policy=policy))
+    model = GPT(model_config(arch), KernelsConfig(cross_entropy=fused_loss), RecomputeConfig(policy=policy))
+    model.loss_grad_scale = 1.0 / micro_steps  # the trainer's promise to the fused loss
     accumulation = GradAccumulation(model, dtype) if fused else None
     step = model
     if scope == "model":
@@ -51,6 +52,19 @@ def test_gradients_equal_pytorch_path(arch, dtype, policy):
     for name in want:
         # On the CPU the fused path rounds each product as PyTorch's does (no fp32-output
         # matmul there); what differs is only where fp32 sums are taken (a few ulps).
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_head_gradient_added_by_the_fused_loss(arch, dtype):
+    """With the fused loss the head reads its copy and the kernel adds its gradient into the
+    buffer (a tied head: the embedding's gradient lands there too, through AccumulateGrad).
+    Mutant caught: the chunk loop starting its gradient from none instead of the buffer (the head
+    then holds the last micro-batch's gradient alone)."""
+    want = accumulated_grads(arch, dtype, "none", fused=False, fused_loss=True)
+    got = accumulated_grads(arch, dtype, "none", fused=True, fused_loss=True)
+    for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
