@@ -1,5 +1,5 @@
-"""Training throughput per config: gptfast (every Triton kernel on, micro-batch and recomputation
-planned into the GPU's memory) vs the PyTorch path at the config's micro-batch (torch LayerNorm,
+"""Training throughput per config: gptfast (every Triton kernel and the fused weight-gradient
+accumulation on, micro-batch and recomputation planned into the GPU's memory) vs the PyTorch path at the config's micro-batch (torch LayerNorm,
 F.cross_entropy, torch's fused AdamW, flash SDPA; the nanoGPT recipe), both compiled.
 
 One timed call is one optimizer step of the trainer itself (Trainer.train_step: every micro-batch
@@ -25,8 +25,10 @@ from gptfast.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["small_4070", "speedrun_124m_4070", "mid_4070", "medium_4070"] if on_gpu() else ["cpu_smoke"]
 PROVIDERS = {
-    "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true"],
-    "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false"],
+    "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true",
+                "--kernels.fused_grad_accum=true"],
+    "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false",
+                "--kernels.fused_grad_accum=false"],
 }
 
 

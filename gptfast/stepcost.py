@@ -34,6 +34,7 @@ MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "_scaled_mm"}
 NORMS = ("layer_norm", "rms_norm", "gptfast::layernorm", "gptfast::add_norm", "gptfast::norm")
 LOSS = ("log_softmax", "nll_loss", "cross_entropy", "gptfast::cross_entropy", "gptfast::linear_cross_entropy")
 ATTENTION = ("scaled_dot_product", "flex_attention")
+WRITE_ONLY = {"copy_", "zero_", "fill_"}  # in-place ops that do not read their destination
 FREE = {"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
         "device", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "set_"}
 
@@ -154,6 +155,8 @@ class _Counter(TorchDispatchMode):
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         moved = sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
+        if short in WRITE_ONLY and inputs:  # the destination is written (the result), never read
+            moved -= _nbytes(inputs[0])
         flops, work = 0.0, 0.0
         if name in CUSTOM_MATMULS:  # its matmuls as matmuls, the rest of its traffic as the loss's
             flops, work, loss_bytes = CUSTOM_MATMULS[name](func, args, kwargs)

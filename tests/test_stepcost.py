@@ -103,3 +103,21 @@ def test_the_fused_loss_counts_its_matmuls_as_the_pytorch_path_does():
     plain = count_step(config()).micro
     assert fused.flops["matmuls"] == plain.flops["matmuls"]
     assert fused.bytes["loss"] < plain.bytes["loss"]
+
+
+def test_fused_grad_accum_moves_the_casts_and_accumulation_to_the_optimizer_step():
+    """kernels.fused_grad_accum: no weight of a Linear is cast or accumulated per micro-step (its
+    GEMM accumulates, counted as the matmul), only biases are cast and the tied embedding's
+    gradient accumulated; the copies (6 B per weight) and the zeroing are per optimizer step."""
+    plain = count_step(config(), policy="none")
+    cost = count_step(config(["--kernels.fused_grad_accum=true"]), policy="none")
+    m, step = cost.micro, cost.optimizer
+    block_weights, head = L * 12 * C * C, V * C  # the head is the token table: its copy serves both
+    matmul_biases = L * (3 * C + C + 4 * C + C)
+    n_params = L * (12 * C * C + 13 * C) + V * C + T * C + 2 * C
+    assert m.flops["matmuls"] == plain.micro.flops["matmuls"]
+    assert m.bytes["weight casts"] == 12 * matmul_biases
+    assert m.bytes["gradient accumulation"] == 12 * (n_params - block_weights)
+    assert step.bytes["weight casts"] == 6 * (block_weights + head)
+    assert step.bytes["gradient accumulation"] == 4 * (block_weights + head)  # zero_ writes each buffer
+    assert step.bytes["optimizer"] == plain.optimizer.bytes["optimizer"]
