@@ -210,9 +210,9 @@ class KernelsConfig:
     flex_attention: bool = doc_field(True, "masked attention (model.doc_mask, model.attn_window) through "
                                            "FlexAttention, compiled, on CUDA; false, or on the CPU (torch has no "
                                            "FlexAttention backward there), through SDPA with a dense (T, T) mask")
-    fused_grad_accum: bool = doc_field(False, "the Linears' weight gradients accumulate into fp32 in place (an fp32-output "
-                                              "matmul on CUDA) and read a copy of the weights made once per optimizer "
-                                              "step, not cast every micro-step (gptfast.gradaccum)")
+    fused_grad_accum: bool = doc_field(False, "the Linears' weight gradients accumulate into fp32 in place (an "
+                                              "fp32-output matmul on CUDA) and read a copy of the weights made once "
+                                              "per optimizer step, not cast every micro-step (gptfast.gradaccum)")
     loss_chunk_mib: int = doc_field(256, "cross_entropy: the fused loss holds at most this many MiB of logits at "
                                          "once (a fixed budget, which the memory planner counts: the same chunks, "
                                          "and the same fp32 summation order, on every run and every resume)")

@@ -235,7 +235,8 @@ def count_step(cfg: Config, micro_batch_size: int | None = None, policy: str | N
         accumulation = GradAccumulation(model, amp_dtype) if cfg.kernels.fused_grad_accum else None
         per_step = Counts()
         if accumulation:
-            for phase, work in (("weight casts", accumulation.refresh), ("gradient accumulation", accumulation.begin_step)):
+            for phase, work in (("weight casts", accumulation.refresh),
+                                ("gradient accumulation", accumulation.begin_step)):
                 counter.counts, counter.phase = Counts(), phase
                 with counter:
                     work()

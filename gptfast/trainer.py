@@ -26,10 +26,10 @@ from gptfast.configfile import to_toml
 from gptfast.datasets import dataset_dir, ensure_prepared, missing_dataset_problem
 from gptfast.device import DistInfo, autocast_dtype, device_name
 from gptfast.errors import DataError, GptfastError, PreStartProblems
+from gptfast.gradaccum import GradAccumulation
 from gptfast.hardware import peak_bf16_flops
 from gptfast.health import HealthGuard, HealthMonitor, Verdict
 from gptfast.hellaswag import evaluate_model, hellaswag_items
-from gptfast.gradaccum import GradAccumulation
 from gptfast.inference import autocast, sample_text
 from gptfast.loader import TokenLoader
 from gptfast.loggers import Loggers, check_backends
@@ -74,7 +74,8 @@ class Trainer:
                 self.health.baseline(self.model)  # the first update is judged against these weights
                 distributed.seed_rank(self.cfg.train.seed, self.dist, self.step)
                 # after any restore: the weight copies are made from the weights the run starts on
-                self.grad_accum = GradAccumulation(self.model, self.amp_dtype) if self.cfg.kernels.fused_grad_accum else None
+                fused = self.cfg.kernels.fused_grad_accum
+                self.grad_accum = GradAccumulation(self.model, self.amp_dtype) if fused else None
                 self.train_model, self.eval_model = distributed.wrap(self.model, self.cfg.train, self.dist,
                                                                      self.device, self.grad_accum)
             except BaseException:

@@ -530,7 +530,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     compute_dtype = compute_dtype or hidden.dtype
     if grad_weight_into is not None:
         if not (grad_scale > 0 and reduction != "none"):
-            raise ValueError("linear_cross_entropy: grad_weight_into needs a grad_scale promise and reduction mean or sum")
+            raise ValueError("linear_cross_entropy: grad_weight_into needs a grad_scale promise and reduction "
+                             "mean or sum")
         if grad_weight_into.shape != weight.shape or grad_weight_into.dtype != torch.float32:
             raise ValueError(f"linear_cross_entropy: grad_weight_into must be fp32 {tuple(weight.shape)}, got "
                              f"{grad_weight_into.dtype} {tuple(grad_weight_into.shape)}")

@@ -444,3 +444,18 @@ def test_a_promised_grad_scale_gives_the_gradients_without_the_rescaling_pass(re
                                   grad_scale=1 / 3) / 2
     with pytest.raises(RuntimeError, match="not the grad_scale promised"):
         broken.backward()
+
+
+def test_grad_weight_into_needs_a_promise_and_an_fp32_buffer_of_the_weights_shape():
+    hidden, weight, targets = torch.randn(4, 16), torch.randn(32, 16), torch.randint(0, 32, (4,))
+    buffer = torch.zeros(32, 16)
+    with pytest.raises(ValueError, match="needs a grad_scale promise"):
+        linear_cross_entropy(hidden, weight, targets, chunk_bytes=None, grad_weight_into=buffer)
+    with pytest.raises(ValueError, match=r"must be fp32 \(32, 16\), got torch.bfloat16"):
+        linear_cross_entropy(hidden, weight, targets, chunk_bytes=None, grad_scale=0.5,
+                             grad_weight_into=buffer.bfloat16())
+    loss = linear_cross_entropy(hidden.requires_grad_(), weight, targets, chunk_bytes=None, grad_scale=0.5,
+                                grad_weight_into=buffer)
+    (loss * 0.5).backward()
+    want = torch.autograd.grad(F.cross_entropy(hidden @ weight.requires_grad_().t(), targets) * 0.5, weight)[0]
+    torch.testing.assert_close(buffer, want, rtol=1e-5, atol=1e-6)

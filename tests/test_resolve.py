@@ -47,8 +47,8 @@ def test_a_model_that_cannot_fit_the_device_is_refused(tiny_config, monkeypatch)
         resolve.resolve_config(cfg, torch.device("cpu"), None, lambda _: None)
 
 
-@pytest.mark.parametrize("fused, amp_dtype, said", [(True, torch.bfloat16, 1), (True, None, 0), (False, torch.bfloat16, 0)],
-                         ids=["bf16", "fp32", "off"])
+@pytest.mark.parametrize("fused, amp_dtype, said",
+                         [(True, torch.bfloat16, 1), (True, None, 0), (False, torch.bfloat16, 0)], ids=["bf16", "fp32", "off"])
 def test_fused_grad_accum_without_an_fp32_output_matmul_is_said_once(tiny_config, fused, amp_dtype, said):
     """Here (the CPU) no bf16 matmul has an fp32 output: the fused accumulation keeps PyTorch's
     rounding, and the run says so once; fp32 training has no rounding to speak of."""
