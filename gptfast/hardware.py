@@ -60,18 +60,20 @@ class Card:
     peak_flops: float  # dense bf16 tensor-core FLOP/s, fp32 accumulate
     bandwidth: float  # DRAM bytes/s
     memory_bytes: int
+    fp8_flops: float | None = None  # dense e4m3/e5m2 FLOP/s, fp32 accumulate (Ada, Hopper); None: no FP8
 
 
-# Vendor figures (NVIDIA's Ada whitepaper and data sheets): dense bf16 with fp32 accumulate.
+# Vendor figures (NVIDIA's Ada whitepaper and data sheets): dense bf16 and FP8, fp32 accumulate
+# (FP8 at twice the bf16 rate on Ada and Hopper; Ampere has none).
 CARDS = {card.name.lower(): card for card in (
-    Card("RTX 4070", 58.3e12, 504e9, 12 * 2**30),
-    Card("RTX 4070 Ti", 80.2e12, 504e9, 12 * 2**30),
-    Card("RTX 4080", 97.5e12, 716.8e9, 16 * 2**30),
-    Card("RTX 4090", 165.2e12, 1008e9, 24 * 2**30),
+    Card("RTX 4070", 58.3e12, 504e9, 12 * 2**30, 116.6e12),
+    Card("RTX 4070 Ti", 80.2e12, 504e9, 12 * 2**30, 160.4e12),
+    Card("RTX 4080", 97.5e12, 716.8e9, 16 * 2**30, 194.9e12),
+    Card("RTX 4090", 165.2e12, 1008e9, 24 * 2**30, 330.3e12),
     Card("RTX 3090", 71.0e12, 936e9, 24 * 2**30),
     Card("A100 80GB", 312e12, 2039e9, 80 * 2**30),
-    Card("H100 SXM", 989e12, 3350e9, 80 * 2**30),
-    Card("H200", 989e12, 4800e9, 141 * 10**9),
+    Card("H100 SXM", 989e12, 3350e9, 80 * 2**30, 1979e12),
+    Card("H200", 989e12, 4800e9, 141 * 10**9, 1979e12),
 )}
 
 

@@ -27,10 +27,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gptfast.config import Config
+from gptfast.errors import ConfigError
 
-CATEGORIES = ("matmuls", "attention", "norms", "loss", "weight casts", "gradient accumulation", "other elementwise",
-              "optimizer")
+CATEGORIES = ("matmuls", "fp8 matmuls", "attention", "norms", "loss", "weight casts", "gradient accumulation",
+              "other elementwise", "optimizer")
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "_scaled_mm"}
+COMPUTE_BOUND = ("matmuls", "fp8 matmuls", "attention")  # timed by their FLOPs alone
 NORMS = ("layer_norm", "rms_norm", "gptfast::layernorm", "gptfast::add_norm", "gptfast::norm")
 LOSS = ("log_softmax", "nll_loss", "cross_entropy", "gptfast::cross_entropy", "gptfast::linear_cross_entropy")
 ATTENTION = ("scaled_dot_product", "flex_attention")
@@ -176,7 +178,7 @@ class _Counter(TorchDispatchMode):
         if short in MATMULS:
             flops, smallest = _matmul_shape(name, args)
             work = flops / size_efficiency(smallest)
-            category = self.phase or "matmuls"
+            category = self.phase or ("fp8 matmuls" if short == "_scaled_mm" else "matmuls")
         elif self.phase:
             category = self.phase
         elif any(key in name for key in ATTENTION):
@@ -261,18 +263,22 @@ def count_step(cfg: Config, micro_batch_size: int | None = None, policy: str | N
 
 def modelled_time(cost: StepCost, card: str) -> dict[str, float]:
     """ESTIMATED seconds per category of one optimizer step on `card` (gptfast.hardware.CARDS):
-    matmuls at the card's peak x MATMUL_EFFICIENCY x size_efficiency, attention at x ATTENTION_EFFICIENCY, every
+    matmuls at the card's peak x MATMUL_EFFICIENCY x size_efficiency (FP8 ones at its FP8 peak; a
+    card without FP8 cannot run them: ConfigError), attention at x ATTENTION_EFFICIENCY, every
     other op at its bandwidth x MEMORY_EFFICIENCY, each kernel at least KERNEL_OVERHEAD_S."""
     from gptfast.hardware import ATTENTION_EFFICIENCY, KERNEL_OVERHEAD_S, MATMUL_EFFICIENCY, MEMORY_EFFICIENCY, card_of
 
     spec = card_of(card)
     step = cost.step
+    if step.flops["fp8 matmuls"] and not spec.fp8_flops:
+        raise ConfigError(f"--device {spec.name!r}: this step has FP8 matmuls, and the card has no FP8 tensor cores")
+    rates = {"fp8 matmuls": (spec.fp8_flops or spec.peak_flops) * MATMUL_EFFICIENCY,
+             "attention": spec.peak_flops * ATTENTION_EFFICIENCY}
     seconds = {}
     for c in CATEGORIES:
-        compute = step.work[c] / (spec.peak_flops * (ATTENTION_EFFICIENCY if c == "attention" else MATMUL_EFFICIENCY))
+        compute = step.work[c] / rates.get(c, spec.peak_flops * MATMUL_EFFICIENCY)
         memory = step.bytes[c] / (spec.bandwidth * MEMORY_EFFICIENCY)
-        seconds[c] = (compute if c in ("matmuls", "attention") else max(compute, memory)) \
-            + step.kernels[c] * KERNEL_OVERHEAD_S
+        seconds[c] = (compute if c in COMPUTE_BOUND else max(compute, memory)) + step.kernels[c] * KERNEL_OVERHEAD_S
     return seconds
 
 

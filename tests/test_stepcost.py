@@ -121,3 +121,34 @@ def test_fused_grad_accum_moves_the_casts_and_accumulation_to_the_optimizer_step
     assert step.bytes["weight casts"] == 6 * (block_weights + head)
     assert step.bytes["gradient accumulation"] == 4 * (block_weights + head)  # zero_ writes each buffer
     assert step.bytes["optimizer"] == plain.optimizer.bytes["optimizer"]
+
+
+def test_fp8_matmuls_count_apart_and_run_at_the_cards_fp8_rate():
+    """fp8_linear's three GEMMs (forward, grad_x, grad_w) are FP8 matmuls, timed at the card's FP8
+    peak (twice bf16's on Ada); its scaling and casts are bytes; a card without FP8 is refused."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gptfast import hardware
+    from gptfast.errors import ConfigError
+    from gptfast.fp8 import fp8_linear
+    from gptfast.stepcost import Counts, StepCost, _Counter
+
+    n, k, m = 4096, 768, 3072
+    with FakeTensorMode():
+        x = torch.randn(n, k, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(m, k, requires_grad=True)
+        counter = _Counter(set(), {id(w)})
+        with counter:
+            fp8_linear(x, w).sum().backward()
+    counts = counter.counts
+    assert counts.flops["fp8 matmuls"] == 6 * n * k * m and counts.flops["matmuls"] == 0
+    assert counts.bytes["other elementwise"] > 0  # amax, scale and cast of x, w and the gradient
+    cost = StepCost(counts, Counts(), 1, n)
+    card = hardware.card_of("RTX 4070")
+    seconds = modelled_time(cost, "RTX 4070")["fp8 matmuls"]
+    assert seconds == pytest.approx(counts.work["fp8 matmuls"] / (card.fp8_flops * hardware.MATMUL_EFFICIENCY)
+                                    + counts.kernels["fp8 matmuls"] * hardware.KERNEL_OVERHEAD_S)
+    assert card.fp8_flops == 2 * card.peak_flops
+    with pytest.raises(ConfigError, match="no FP8 tensor cores"):
+        modelled_time(cost, "RTX 3090")
