@@ -14,8 +14,8 @@ With the switch on, a block Linear (`Linear`, once `GradAccumulation` attaches i
 - computes its weight gradient in `gptfast::accumulate_weight_grad`, an fp32-output matmul that
   adds into `main_grad` in place (`torch.addmm(..., out_dtype=float32, out=)`), so the
   accumulation is the GEMM's epilogue. That needs CUDA and a torch with the overload. Elsewhere
-  (the CPU, older torch) the product is rounded to the compute dtype and then added: the PyTorch
-  path's numbers exactly, and a third of its accumulation bytes.
+  (the CPU, older torch) the product is rounded to the compute dtype and then widened as it is
+  added: the PyTorch path's numbers exactly, in 10 bytes per weight instead of its 18.
 
 `main_grad` is the parameter's `.grad` from `begin_step` on, so clipping, the health check, both
 optimizers and fp16's loss scaler see an ordinary gradient. Anything that reaches the weight
@@ -39,10 +39,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# Whether this torch has matmuls with an fp32 output for bf16 / fp16 inputs (as
+# kernels.cross_entropy.FP32_OUTPUT_MATMUL, which gptfast cannot import where Triton is missing).
+FP32_OUTPUT_OVERLOADS = "dtype" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
 def fp32_output_matmul(device: torch.device) -> bool:
     """Whether torch can run a bf16 / fp16 matmul with an fp32 output on `device` (CUDA, recent torch)."""
-    return (device.type == "cuda" and "dtype" in torch.ops.aten.mm.overloads()
-            and "dtype_out" in torch.ops.aten.addmm.overloads())
+    return device.type == "cuda" and FP32_OUTPUT_OVERLOADS
 
 
 @torch.library.custom_op("gptfast::accumulate_weight_grad", mutates_args=("main_grad",))

@@ -83,18 +83,25 @@ def test_gradients_equal_pytorch_path_compiled(scope):
 def test_fused_weights_take_no_gradient_through_autograd():
     """The fused Linears' weights get their gradient from the buffer alone (their AccumulateGrad
     never runs), so the buffer is the .grad every consumer reads; a plain forward (no autocast
-    where the copies are bf16) still adds into it through autograd."""
+    where the copies are bf16) still adds into it through autograd. Mutant caught: Linear.forward
+    always taking F.linear's path."""
     torch.manual_seed(0)
     model = GPT(model_config("modern"), KernelsConfig())
     accumulation = GradAccumulation(model, torch.bfloat16)
     accumulation.begin_step()
+    fused = list(accumulation.modules.values())
+    accumulated = []  # the fused weights AccumulateGrad ran for (a head tied to the embedding: that one's)
+    hooked = [m.weight for m in fused if m.weight is not model.transformer.wte.weight]
+    for weight in hooked:
+        weight.register_post_accumulate_grad_hook(accumulated.append)
     x = torch.randint(0, VOCAB, (2, T))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, x).backward()
-    fused = list(accumulation.modules.values())
+    assert accumulated == []
     assert all(m.weight.grad is m.main_grad and m.main_grad.abs().sum() > 0 for m in fused)
     after_fused = [m.main_grad.clone() for m in fused]
     model(x, x).backward()  # fp32, no autocast: F.linear's path, through AccumulateGrad
+    assert len(accumulated) == len(hooked) >= 8
     assert all(m.weight.grad is m.main_grad for m in fused)
     assert all(not torch.equal(m.main_grad, before) for m, before in zip(fused, after_fused, strict=True))
 
