@@ -6,6 +6,8 @@ vocabulary 50304), and check what it compiles to:
 - 128-bit global loads and stores (`ld.global.v4` / `st.global.v4`) where a kernel streams a
   large tensor (the whole point of aligned layouts);
 - no fp64 instruction in a per-element kernel (a consumer card runs fp64 at 1/64 of fp32);
+- the hardware's FP8 conversion (`cvt...e4m3x2` / `e5m2x2`, sm_89 and later) where a kernel casts
+  to FP8, not a software emulation;
 - no local-memory spills, and registers per thread within the ceiling stated per kernel.
 
 Run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET; a broken property fails CI.
@@ -37,15 +39,17 @@ import importlib  # noqa: E402
 cross_entropy = importlib.import_module("kernels.cross_entropy")
 layernorm = importlib.import_module("kernels.layernorm")
 adamw = importlib.import_module("kernels.adamw")
+fp8 = importlib.import_module("kernels.fp8")
 from kernels._utils import row_block_settings  # noqa: E402
 
 CUDA = torch.device("cuda")  # launch settings as the launchers choose them on a GPU
 TARGETS = {"sm_89 (RTX 40xx)": GPUTarget("cuda", 89, 32), "sm_90 (H100/H200)": GPUTarget("cuda", 90, 32)}
 
 
-def expect(vector_loads: bool, vector_stores: bool, fp64_allowed: bool = False, max_registers: int = 128) -> dict:
+def expect(vector_loads: bool, vector_stores: bool, fp64_allowed: bool = False, max_registers: int = 128,
+           fp8_convert: str | None = None) -> dict:
     return {"vector_loads": vector_loads, "vector_stores": vector_stores, "fp64_allowed": fp64_allowed,
-            "max_registers": max_registers}
+            "max_registers": max_registers, "fp8_convert": fp8_convert}
 
 
 def pointers_and(signature: dict, *ints: str) -> list[str]:
@@ -157,6 +161,30 @@ def adamw_cases():
                expect(False, False, fp64_allowed=True, max_registers=255))
 
 
+def fp8_cases():
+    block_m, block_n, num_warps = fp8.cast_blocks(CUDA)
+    for x_ty in ("bf16", "fp32"):
+        signature = {"x_ptr": f"*{x_ty}", "amax_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                     "stride_row": "i64", "stride_col": "i64", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+        yield (f"fp8 amax x={x_ty}", fp8._amax_kernel, signature, {"BLOCK_M": block_m, "BLOCK_N": block_n,
+                                                                    "stride_col": 1}, num_warps,
+               pointers_and(signature, "n_cols", "stride_row"), expect(True, False, max_registers=64))
+        for dtype, fmt, convert in ((torch.float8_e4m3fn, "fp8e4nv", "e4m3x2"), (torch.float8_e5m2, "fp8e5", "e5m2x2")):
+            for transpose in (False, True):
+                mbits, min_exp = fp8.FORMATS[dtype]
+                meta = {"FP8_MAX": torch.finfo(dtype).max, "MBITS": mbits, "MIN_EXP": min_exp, "TRANSPOSE": transpose,
+                        "INTERPRETED": False, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                signature = {"x_ptr": f"*{x_ty}", "amax_ptr": "*fp32", "out_ptr": f"*{fmt}",
+                             "out_t_ptr": f"*{fmt}" if transpose else "constexpr", "inv_ptr": "*fp32",
+                             "n_rows": "i32", "n_cols": "i32", "stride_row": "i64", "stride_col": "constexpr",
+                             **{k: "constexpr" for k in meta}}
+                constexprs = dict(meta, stride_col=1, **({} if transpose else {"out_t_ptr": None}))
+                # the model's shapes: rows and widths multiples of 16 (768, 3072, 50304, micro-batch x 1024)
+                yield (f"fp8 cast x={x_ty} to {convert[:4]} transpose={transpose}", fp8._cast_kernel, signature,
+                       constexprs, num_warps, pointers_and(signature, "n_rows", "n_cols", "stride_row"),
+                       expect(True, True, max_registers=128, fp8_convert=convert))
+
+
 def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     """(registers per thread, spill bytes), as ptxas reports them for this PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -177,7 +205,8 @@ def ptx_properties(ptx: str) -> dict:
     """What a kernel's PTX does: 128-bit global accesses, fp64 instructions."""
     return {"vector_loads": bool(re.search(r"\bld\.global(\.\w+)*\.v4\.", ptx)),
             "vector_stores": bool(re.search(r"\bst\.global(\.\w+)*\.v4\.", ptx)),
-            "fp64": len(re.findall(r"^\s*[a-z][\w.]*\.f64\b", ptx, re.M))}
+            "fp64": len(re.findall(r"^\s*[a-z][\w.]*\.f64\b", ptx, re.M)),
+            "fp8_converts": set(re.findall(r"\bcvt\.rn\.satfinite\.(e4m3x2|e5m2x2)\.f32\b", ptx))}
 
 
 def violations(props: dict, registers: int, spills: int, expected: dict) -> list[str]:
@@ -188,6 +217,8 @@ def violations(props: dict, registers: int, spills: int, expected: dict) -> list
         found.append("no 128-bit global stores")
     if props["fp64"] and not expected["fp64_allowed"]:
         found.append(f"{props['fp64']} fp64 instructions")
+    if expected["fp8_convert"] and expected["fp8_convert"] not in props["fp8_converts"]:
+        found.append(f"no hardware {expected['fp8_convert']} conversion")
     if spills != 0:
         found.append(f"{spills} bytes spilled")
     if registers > expected["max_registers"]:
@@ -206,7 +237,7 @@ def main() -> int:
     failures = 0
     for target_name, target in TARGETS.items():
         for name, fn, signature, constexprs, num_warps, divisible, expected in (
-                *layer_norm_cases(), *cross_entropy_cases(), *adamw_cases()):
+                *layer_norm_cases(), *cross_entropy_cases(), *adamw_cases(), *fp8_cases()):
             try:
                 compiled = compile_case(fn, signature, constexprs, num_warps, divisible, target)
             except Exception as e:  # report every failing variant, not only the first
