@@ -26,6 +26,7 @@ CONFIGS = ["small_4070", "speedrun_124m_4070", "medium_4070"]
 # CUDA kernel names -> the model's categories (first match wins); the rest is "other elementwise"
 KERNEL_CATEGORIES = [
     (r"flash|fmha|attention|sdpa", "attention"),
+    (r"_amax_kernel|_cast_kernel", "fp8 casts"),  # kernels/fp8.py's
     (r"e4m3|e5m2|fp8|f8f6f4", "fp8 matmuls"),
     (r"gemm|sm\d+_xmma|cutlass|ampere_|hopper_|ada_|cublas|matmul", "matmuls"),
     (r"layer_norm|rms_norm|layernorm|_norm_", "norms"),

@@ -27,6 +27,9 @@ CONFIGS = ["small_4070", "speedrun_124m_4070", "mid_4070", "medium_4070"] if on_
 PROVIDERS = {
     "gptfast": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true",
                 "--kernels.fused_grad_accum=true"],
+    # FP8 matmuls for the MLP and the head (kernels.fp8): its ratio to "gptfast" is what FP8 buys
+    "gptfast_fp8": ["--kernels.layernorm=true", "--kernels.cross_entropy=true", "--kernels.adamw=true",
+                    "--kernels.fused_grad_accum=true", '--kernels.fp8="head+mlp"'],
     "pytorch": ["--kernels.layernorm=false", "--kernels.cross_entropy=false", "--kernels.adamw=false",
                 "--kernels.fused_grad_accum=false"],
 }
@@ -36,7 +39,7 @@ def build_trainer(config: str, provider: str, micro_batch: int | None, accum: in
                   budget_bytes: int | None = None, extra: tuple[str, ...] = ()):
     overrides = PROVIDERS[provider] + [f"--data.data_dir={data}", "--data.dataset=random", f"--train.out_dir={out}",
                                       "--train.resume=false", "--train.sample_tokens=0"]
-    if budget_bytes is not None and provider == "gptfast":
+    if budget_bytes is not None and provider.startswith("gptfast"):
         # gptfast plans its micro-batch and recomputation into the memory it has
         overrides.append(f"--train.memory_budget={budget_bytes / 2**30:.2f}GiB")
     elif micro_batch is not None:

@@ -22,8 +22,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import (RESULTS_DIR, bench_device, describe_device, measure_bandwidth,  # noqa: E402
-                          sample_power, slug, write_results)
+from bench.common import (RESULTS_DIR, bench_device, describe_device, format_seconds,  # noqa: E402
+                          measure_bandwidth, sample_power, slug, write_results)
 
 class JsonReport(os.PathLike):
     """What --benchmark-json is set to when the user gave none. pytest-benchmark >= 5.3 takes a
@@ -106,6 +106,9 @@ def record(request, device, device_info):
 
     def add(row):
         rows.append(row)
+        # as it is measured (run with -s to see it): a step stopped at its time limit keeps what it measured
+        print(f"\ngptfast row: {row.suite} | {row.case} | {row.provider} | {format_seconds(row.seconds)} | "
+              f"{', '.join(f'{k} {v}' for k, v in row.extra.items())}", flush=True)
         sample_power(device, device_info, f"{row.suite} {row.case} {row.provider}")
         return row
 

@@ -10,12 +10,14 @@
 #                  planner's choice for 11 GiB) and the sm_89 / sm_90 compile checks
 #   bench_kernels  LayerNorm / RMSNorm, cross-entropy and AdamW against torch eager, torch.compile,
 #                  the peers and the measured bandwidth floor
+#   bench_fp8      each GPT-2 small / medium Linear shape and the head in the fused loss, bf16 against FP8
 #   bench_train    one optimizer step per 4070 config, gptfast vs the compiled PyTorch path
 #   bench_stepcost the step-cost model's milliseconds per category beside the profiler's (calibration)
 #   bench_compile  time to the first step, whole-model compile against regional (compile_scope blocks)
 #   bench_memory   the planner's predicted peak against the allocator's (--memory-grid=quick)
 #   bench_12gib    bench_train under a 12 GiB cap (--emulate-vram=12GiB)
 #   tests          the correctness suite without its slow end-to-end runs, kernel tests on the device
+# GPU_CHECK_ARGS: more pytest arguments for every step, e.g. GPU_CHECK_ARGS='-k "small_4070 and not speedrun"'.
 # Each step is stopped after GPU_CHECK_STEP_TIMEOUT seconds (default 600) and logged as timed out,
 # so one slow step cannot take the others' time. Exit status: non-zero when any step failed.
 set -uo pipefail
@@ -26,7 +28,7 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d .carry/tiktoken_cache ]; then
     export TIKTOKEN_CACHE_DIR="$PWD/.carry/tiktoken_cache"
 fi
 PY=$(command -v python || command -v python3)  # some images have only python3
-ALL_STEPS=(tests_gpu bench_kernels bench_train bench_stepcost bench_compile bench_memory bench_12gib tests)
+ALL_STEPS=(tests_gpu bench_kernels bench_fp8 bench_train bench_stepcost bench_compile bench_memory bench_12gib tests)
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=("${ALL_STEPS[@]}")
 for s in "${steps[@]}"; do
@@ -51,12 +53,15 @@ mkdir -p "$out"
     echo "steps: ${steps[*]}"
     echo "started: $(date -u +%FT%TZ)"
 } | tee "$out/environment.txt"
+eval "extra_args=(${GPU_CHECK_ARGS:-})"
+[ ${#extra_args[@]} -eq 0 ] || echo "pytest arguments: ${extra_args[*]}" >> "$out/environment.txt"
 pytest_q=("$PY" -m pytest -q -p no:cacheprovider)
 failed=0
 for s in "${steps[@]}"; do
     case $s in
         tests_gpu)     cmd=("${pytest_q[@]}" tests/test_gpu.py tests/test_gpu_compile.py) ;;
         bench_kernels) cmd=("${pytest_q[@]}" bench/bench_layernorm.py bench/bench_cross_entropy.py bench/bench_adamw.py --benchmark-only) ;;
+        bench_fp8)     cmd=("${pytest_q[@]}" bench/bench_fp8.py --benchmark-only) ;;
         bench_train)   cmd=("${pytest_q[@]}" bench/bench_train.py --benchmark-only) ;;
         bench_stepcost) cmd=("${pytest_q[@]}" bench/bench_stepcost.py --benchmark-only) ;;
         bench_compile) cmd=("${pytest_q[@]}" bench/bench_compile.py --benchmark-only) ;;
@@ -65,7 +70,7 @@ for s in "${steps[@]}"; do
         tests)         cmd=("${pytest_q[@]}" -m "not slow" tests) ;;
     esac
     start=$SECONDS
-    timeout --kill-after=10 "${GPU_CHECK_STEP_TIMEOUT:-600}" "${cmd[@]}" > "$out/$s.log" 2>&1
+    timeout --kill-after=10 "${GPU_CHECK_STEP_TIMEOUT:-600}" "${cmd[@]}" "${extra_args[@]}" > "$out/$s.log" 2>&1
     rc=$?
     verdict="exit $rc"
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="timed out after ${GPU_CHECK_STEP_TIMEOUT:-600} s"

@@ -202,6 +202,9 @@ class TrainConfig:
                 fail("train.memory_budget", str(e))
 
 
+FP8_MODES = ("off", "mlp", "head", "head+mlp")
+
+
 @dataclass
 class KernelsConfig:
     layernorm: bool = doc_field(False, "Triton fused residual-add + LayerNorm")
@@ -213,11 +216,17 @@ class KernelsConfig:
     fused_grad_accum: bool = doc_field(False, "the Linears' weight gradients accumulate into fp32 in place (an "
                                               "fp32-output matmul on CUDA) and read a copy of the weights made once "
                                               "per optimizer step, not cast every micro-step (gptfast.gradaccum)")
+    fp8: str = doc_field("off", "FP8 matmuls (e4m3 operands, e5m2 gradients, tensorwise scaling, torch._scaled_mm) "
+                                "while training, for: off, mlp (the MLP's two Linears), head (the output "
+                                "projection, inside the fused loss with kernels.cross_entropy), or head+mlp; needs "
+                                "an sm_89+ GPU (Ada, Hopper) or the CPU, and Triton for the casts (gptfast.fp8)")
     loss_chunk_mib: int = doc_field(256, "cross_entropy: the fused loss holds at most this many MiB of logits at "
                                          "once (a fixed budget, which the memory planner counts: the same chunks, "
                                          "and the same fp32 summation order, on every run and every resume)")
 
     def validate(self, fail: Fail) -> None:
+        if self.fp8 not in FP8_MODES:
+            fail("kernels.fp8", f"expected one of {', '.join(FP8_MODES)}, got {self.fp8!r}")
         if self.loss_chunk_mib <= 0:
             fail("kernels.loss_chunk_mib", f"must be positive, got {self.loss_chunk_mib}")
 

@@ -90,12 +90,22 @@ class Linear(nn.Linear):
     """nn.Linear, whose weight gradient accumulates in place once GradAccumulation has attached
     its buffers (`weight_copy`, `main_grad`). Only a forward under grad mode, in the copy's dtype
     (autocast's, or fp32 without autocast), takes the fused path; any other takes F.linear's, whose
-    gradient AccumulateGrad adds into the same `.grad`."""
+    gradient AccumulateGrad adds into the same `.grad`. With `fp8` (kernels.fp8 covers it), a
+    training forward under grad mode runs in FP8 (gptfast.fp8), reading the FP8 copies
+    GradAccumulation makes once per optimizer step when it is attached; evaluation stays in the
+    compute dtype."""
 
     weight_copy: torch.Tensor | None = None
     main_grad: torch.Tensor | None = None
+    fp8: bool = False
+    fp8_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # gptfast.fp8.cast_weight's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 and self.training and torch.is_grad_enabled():
+            from gptfast.fp8 import fp8_linear
+
+            return fp8_linear(x, self.weight, self.bias, out_dtype=compute_dtype(x), main_grad=self.main_grad,
+                              cached=self.fp8_weight)
         if self.main_grad is not None and torch.is_grad_enabled() and self.copy_in_use(x):
             return AccumulatedLinear.apply(x, self.weight_copy, self.bias, self.main_grad)
         return F.linear(x, self.weight, self.bias)
@@ -106,6 +116,12 @@ class Linear(nn.Linear):
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type) == self.weight_copy.dtype
         return self.weight_copy.dtype == self.weight.dtype
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` computes in now: autocast's where it is on, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 class GradAccumulation:
@@ -121,6 +137,11 @@ class GradAccumulation:
             w = m.weight
             m.weight_copy = torch.empty_like(w, dtype=dtype) if self.copied else w.detach()
             m.main_grad = torch.zeros_like(w, dtype=torch.float32)
+            if m.fp8:  # kernels.fp8: the weight's FP8 copies (1 B per weight each), remade with the copy
+                from gptfast.fp8 import E4M3
+
+                m.fp8_weight = (torch.empty_like(w, dtype=E4M3), w.new_empty(w.shape[::-1], dtype=E4M3),
+                                w.new_empty((), dtype=torch.float32))
         self.refresh()
 
     def ignored_names(self, model: nn.Module) -> list[str]:
@@ -132,10 +153,16 @@ class GradAccumulation:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Every weight copy made anew from its weight (6 bytes per weight in bf16)."""
-        if self.copied:
-            for m in self.modules.values():
+        """Every weight copy made anew from its weight (6 bytes per weight in bf16; an FP8 weight's
+        copies from the fp32 weight, 4 + 4 B read and 2 B written)."""
+        for m in self.modules.values():
+            if self.copied:
                 m.weight_copy.copy_(m.weight)
+            if m.fp8_weight is not None:
+                from gptfast.fp8 import cast_weight
+
+                for kept, new in zip(m.fp8_weight, cast_weight(m.weight), strict=True):
+                    kept.copy_(new)
 
     @torch.no_grad()
     def begin_step(self) -> None:

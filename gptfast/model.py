@@ -37,7 +37,7 @@ aten = torch.ops.aten
 # recomputes everything else in a recomputed block (LayerNorm, GELU, adds, dropout: cheap).
 # Attention ops differ by backend and version, so only those this torch has are listed.
 SAVED_OPS = frozenset(getattr(aten, name).default for name in (
-    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 ) if hasattr(aten, name))
 
@@ -295,6 +295,10 @@ class GPT(nn.Module):
         self.lm_head = Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied: one (V_pad, C) matrix
+        # kernels.fp8: the Linears that train through FP8 matmuls (gptfast.fp8)
+        for block in self.transformer.h:
+            block.mlp.c_fc.fp8 = block.mlp.c_proj.fp8 = "mlp" in self.kernel_cfg.fp8
+        self.lm_head.fp8 = "head" in self.kernel_cfg.fp8
         self.reset_parameters()
 
     @torch.no_grad()
@@ -559,15 +563,19 @@ class GPT(nn.Module):
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         head, weight, into = self.lm_head, self.lm_head.weight, None
-        if head.main_grad is not None and torch.is_grad_enabled() and self.loss_grad_scale and head.copy_in_use(hidden):
-            # kernels.fused_grad_accum: the head reads its once-per-step copy and adds its gradient
-            # into the buffer itself (which needs the trainer's promise of the upstream gradient)
+        fp8 = head.fp8 and head.training and torch.is_grad_enabled()  # kernels.fp8 "head": its chunks' matmuls
+        if head.main_grad is not None and torch.is_grad_enabled() and self.loss_grad_scale and (
+                fp8 or head.copy_in_use(hidden)):
+            # kernels.fused_grad_accum: the head reads its once-per-step copy (FP8 or bf16) and adds
+            # its gradient into the buffer itself (which needs the trainer's promise of the upstream
+            # gradient)
             weight, into = head.weight_copy, head.main_grad
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight,
                                             targets.reshape(-1), n_classes=self.config.vocab_size,
                                             compute_dtype=compute_dtype, softcap=self.config.logit_softcap,
                                             chunk_bytes=self.kernel_cfg.loss_chunk_mib * 2**20,
-                                            grad_scale=self.loss_grad_scale, grad_weight_into=into)
+                                            grad_scale=self.loss_grad_scale, grad_weight_into=into, fp8=fp8,
+                                            fp8_weight=head.fp8_weight if fp8 else None)
 
     def _logits_with_cache(self, tokens: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         """Logits (B, V) of the last position of tokens (B, start + T), whose positions start..

@@ -34,15 +34,36 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 def available_kernels(cfg: KernelsConfig, device: torch.device, log: Callable[[str], None]) -> KernelsConfig:
     """`cfg` with every Triton op that cannot run on `device` switched off, said once in the log:
-    a run (or a sampler of its checkpoint) on a machine without Triton uses PyTorch's ops."""
-    wanted = [name for name in TRITON_OPS if getattr(cfg, name)]
+    a run (or a sampler of its checkpoint) on a machine without Triton uses PyTorch's ops (and
+    bf16 matmuls where kernels.fp8 asked for FP8, whose casts are Triton kernels)."""
+    wanted = [name for name in TRITON_OPS if getattr(cfg, name)] + (["fp8"] if cfg.fp8 != "off" else [])
     reason = triton_unavailable_reason(device) if wanted else None
     if reason:
         log(f"kernels {', '.join(wanted)}: {reason}; this {device.type} run uses PyTorch's ops")
-        return dataclasses.replace(cfg, **{name: False for name in wanted})
+        return dataclasses.replace(cfg, **{name: "off" if name == "fp8" else False for name in wanted})
     if wanted:
-        log(f"Triton kernels: {', '.join(wanted)}")
+        log(f"Triton kernels: {', '.join(name if name != 'fp8' else f'fp8 ({cfg.fp8})' for name in wanted)}")
     return cfg
+
+
+FP8_CAPABILITY = (8, 9)  # cuBLAS's FP8 GEMMs: Ada (sm_89) and Hopper (sm_90) onwards
+
+
+def check_fp8(cfg: Config, device: torch.device) -> None:
+    """ConfigError when kernels.fp8 cannot run on `device`: a GPU before Ada has no FP8 matmul,
+    and cuBLAS's FP8 GEMMs need every width a multiple of 16 (the CPU takes any)."""
+    if cfg.kernels.fp8 == "off" or device.type != "cuda":
+        return
+    from gptfast.fp8 import FP8_MULTIPLE
+
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise ConfigError(f"kernels.fp8 = {cfg.kernels.fp8!r}: FP8 matmuls need an sm_89 or later GPU (Ada, "
+                          f"Hopper), and {device_name(device)} is sm_{capability[0]}{capability[1]}; "
+                          'set kernels.fp8 = "off"')
+    if cfg.model.n_embd % FP8_MULTIPLE:
+        raise ConfigError(f"kernels.fp8 = {cfg.kernels.fp8!r}: model.n_embd is {cfg.model.n_embd}, and FP8 matmuls "
+                          f"need widths that are multiples of {FP8_MULTIPLE}")
 
 
 def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None,
@@ -65,6 +86,7 @@ def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | N
             log(f"init_from {t.init_from!r}: {folder}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(folder)))
     cfg = dataclasses.replace(cfg, kernels=available_kernels(cfg.kernels, device, log))
+    check_fp8(cfg, device)
     if cfg.kernels.fused_grad_accum and amp_dtype is not None and not fp32_output_matmul(device):
         log(f"kernels.fused_grad_accum: torch {torch.__version__} has no {amp_dtype} matmul with an fp32 output on "
             f"{device.type}: each micro-step's weight gradient is rounded to {amp_dtype} before the fp32 "

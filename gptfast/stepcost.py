@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from gptfast.config import Config
 from gptfast.errors import ConfigError
 
-CATEGORIES = ("matmuls", "fp8 matmuls", "attention", "norms", "loss", "weight casts", "gradient accumulation",
+CATEGORIES = ("matmuls", "fp8 matmuls", "attention", "norms", "loss", "weight casts", "fp8 casts", "gradient accumulation",
               "other elementwise", "optimizer")
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "_scaled_mm"}
 COMPUTE_BOUND = ("matmuls", "fp8 matmuls", "attention")  # timed by their FLOPs alone
@@ -117,11 +117,14 @@ def _attention_flops(func, args, kwargs) -> float:
     return flops * (2.5 if "backward" in _op_name(func) else 1.0)
 
 
-def _linear_cross_entropy(func, args, kwargs) -> tuple[float, float, float]:
-    """(FLOPs, work, bytes) of gptfast's fused linear + cross-entropy ops, whose matmuls run
-    inside them (chunk by chunk): the logits h W^T, and with the gradients grad_h = g W and
-    grad_W = g^T h; each chunk's logits written once by the matmul, read and rewritten by the loss
-    kernel, read by the two gradient matmuls."""
+def _linear_cross_entropy(func, args, kwargs) -> tuple[str, float, float, float, float]:
+    """(matmul category, FLOPs, work, bytes, FP8 cast bytes) of gptfast's fused linear +
+    cross-entropy ops, whose matmuls run inside them (chunk by chunk): the logits h W^T, and with
+    the gradients grad_h = g W and grad_W = g^T h; each chunk's logits written once by the matmul,
+    read and rewritten by the loss kernel, read by the two gradient matmuls. With the weight's FP8
+    copies (kernels.fp8 "head") the matmuls are FP8 ones, and each chunk casts its hidden rows (read
+    twice, written twice: with the transpose) and, with the gradients, its logits' gradient (the
+    same) through kernels/fp8.py; the FP8 operands are read instead of the bf16 ones."""
     named = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
     hidden, weight = named["hidden"], named["weight"]
     n, c, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
@@ -129,7 +132,11 @@ def _linear_cross_entropy(func, args, kwargs) -> tuple[float, float, float]:
     flops = 2.0 * n * v * c * (3 if grads else 1)
     item = torch.empty((), dtype=named.get("compute_dtype", torch.bfloat16)).element_size()
     logits = n * v * item * (5 if grads else 3)
-    return flops, flops / size_efficiency(min(n, c, v)), logits + _nbytes(hidden) + _nbytes(weight)
+    work = flops / size_efficiency(min(n, c, v))
+    if named.get("weight_fp8") is None:
+        return "matmuls", flops, work, logits + _nbytes(hidden) + _nbytes(weight), 0.0
+    casts = n * c * (2 * hidden.element_size() + 2) + (n * v * (2 * item + 2) if grads else 0)
+    return "fp8 matmuls", flops, work, logits, casts
 
 
 CUSTOM_MATMULS = {"gptfast::linear_cross_entropy_fwd": _linear_cross_entropy,
@@ -161,11 +168,19 @@ class _Counter(TorchDispatchMode):
             moved -= _nbytes(inputs[0])
         flops, work = 0.0, 0.0
         if name in CUSTOM_MATMULS:  # its matmuls as matmuls, the rest of its traffic as the loss's
-            flops, work, loss_bytes = CUSTOM_MATMULS[name](func, args, kwargs)
-            self.counts.flops["matmuls"] += flops
-            self.counts.work["matmuls"] += work
+            matmuls, flops, work, loss_bytes, cast_bytes = CUSTOM_MATMULS[name](func, args, kwargs)
+            self.counts.flops[matmuls] += flops
+            self.counts.work[matmuls] += work
             self.counts.bytes["loss"] += loss_bytes + moved
             self.counts.kernels["loss"] += 1
+            if cast_bytes:
+                self._add("fp8 casts", 0.0, 0.0, cast_bytes)
+            return out
+        if name == "gptfast::fp8_cast":  # kernels/fp8.py: the amax pass reads the input once more
+            self._add(self.phase or "fp8 casts", 0.0, 0.0, moved + _nbytes(inputs[0]))
+            return out
+        if name == "gptfast::accumulate_grad":  # an FP8 weight gradient added into its fp32 buffer
+            self._add(self.phase or "gradient accumulation", 0.0, 0.0, moved + _nbytes(inputs[0]))
             return out
         if name == "gptfast::accumulate_weight_grad":
             # an fp32-output GEMM whose epilogue adds into the buffer (kernels.fused_grad_accum):

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels._utils import cast_rtne, check_tensors, interpreted
+from kernels.fp8 import to_fp8
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -327,15 +328,20 @@ def _weight_grad_chunk(grad_weight: torch.Tensor | None, grad_logits: torch.Tens
 
 
 def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes,
-                      grad_output_rows, want_grads, n_classes, softcap, grad_scale=1.0, grad_weight_into=None):
+                      grad_output_rows, want_grads, n_classes, softcap, grad_scale=1.0, grad_weight_into=None,
+                      fp8_weight=None):
     """The chunk loop shared by forward (loss, and gradients scaled for mean/sum) and the
     reduction="none" backward (gradients scaled per row).
     Returns (loss_rows, n_valid, grad_hidden, grad_weight); the gradients are None without want_grads.
-    grad_weight_into: an fp32 (V, C) buffer the weight's gradient is added into (and returned)."""
+    grad_weight_into: an fp32 (V, C) buffer the weight's gradient is added into (and returned).
+    fp8_weight: the weight's FP8 copies (e4m3 (V, C), its (C, V) transpose, the inverse scale): the
+    three matmuls run in FP8 (each chunk's hidden rows cast to e4m3, its logits' gradient to e5m2,
+    tensorwise per chunk), as gptfast.fp8's Linears."""
     n_rows, n_cols = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    w = weight.to(compute_dtype)  # (V, C): one cast per call, as autocast would do for F.linear
+    # (V, C): one cast per call, as autocast would do for F.linear (FP8 has its own copies)
+    w = weight.to(compute_dtype) if fp8_weight is None else None
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     lse = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
     n_valid = (targets != ignore_index).sum().float()
@@ -348,13 +354,24 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
     step = chunk_rows(n_rows, vocab, torch.finfo(compute_dtype).bits // 8, chunk_bytes)
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
-        h = hidden[start:end].to(compute_dtype)  # (n, C)
-        logits = h @ w.T  # (n, V)
+        if fp8_weight is not None:  # e4m3 rows (and their transpose for grad_weight) and weight
+            h8, h8_t, h_inv = to_fp8(hidden[start:end], torch.float8_e4m3fn, transpose=want_grads)
+            logits = torch._scaled_mm(h8, fp8_weight[0].t(), scale_a=h_inv, scale_b=fp8_weight[2],
+                                      out_dtype=compute_dtype)  # (n, V)
+        else:
+            h = hidden[start:end].to(compute_dtype)  # (n, C)
+            logits = h @ w.T  # (n, V)
         go = grad_output[start:end] if grad_output_rows is not None else grad_output
         cross_entropy_launch(logits, targets[start:end], ignore_index, lse[start:end], loss=loss_rows[start:end],
                              grad=logits if want_grads else None, grad_output=go, reduction=reduction,
                              n_valid=n_valid, n_classes=n_classes, softcap=softcap)
-        if want_grads:  # logits now hold their gradient
+        if want_grads and fp8_weight is not None:  # logits now hold their gradient: e5m2 operands
+            g8, g8_t, g_inv = to_fp8(logits, torch.float8_e5m2, transpose=True)
+            torch._scaled_mm(g8, fp8_weight[1].t(), scale_a=g_inv, scale_b=fp8_weight[2],
+                             out_dtype=grad_hidden.dtype, out=grad_hidden[start:end])  # (n, C)
+            product = torch._scaled_mm(g8_t, h8_t.t(), scale_a=g_inv, scale_b=h_inv, out_dtype=torch.float32)
+            grad_weight = product if grad_weight is None else grad_weight.add_(product)  # (V, C) fp32
+        elif want_grads:  # logits now hold their gradient
             if grad_hidden.dtype == logits.dtype:  # straight into the rows: no temporary, no copy
                 torch.mm(logits, w, out=grad_hidden[start:end])  # (n, C)
             else:  # hidden in another dtype than the compute dtype (fp32 hidden, bf16 compute)
@@ -368,20 +385,26 @@ def _linear_ce_chunks(hidden, weight, targets, ignore_index, reduction, compute_
 @torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       reduction: str, compute_dtype: torch.dtype, chunk_bytes: int, want_grads: bool,
-                      n_classes: int, softcap: float, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      n_classes: int, softcap: float, grad_scale: float, weight_fp8: torch.Tensor | None = None,
+                      weight_fp8_t: torch.Tensor | None = None, weight_inv: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tensors("linear_cross_entropy", hidden, weight, targets)
     _check_targets(targets, hidden.shape[0], n_classes, ignore_index)
     grads_now = want_grads and reduction != "none"  # "none" needs per-row grad_output: backward recomputes
     loss_rows, n_valid, grad_hidden, grad_weight = _linear_ce_chunks(
         hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, grads_now, n_classes,
-        softcap, grad_scale or 1.0)
+        softcap, grad_scale or 1.0, fp8_weight=_fp8_triple(weight_fp8, weight_fp8_t, weight_inv))
     return (_reduce(loss_rows, reduction, n_valid), grad_hidden if grads_now else hidden.new_empty(0),
             grad_weight if grads_now else hidden.new_empty(0))
 
 
+def _fp8_triple(w8, w8_t, w_inv):
+    return None if w8 is None else (w8, w8_t, w_inv)
+
+
 @_linear_ce_fwd_op.register_fake
 def _(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap,
-      grad_scale):
+      grad_scale, weight_fp8=None, weight_fp8_t=None, weight_inv=None):
     grads_now = want_grads and reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grads_now else hidden.new_empty(0)
@@ -406,7 +429,7 @@ def _(hidden, weight, targets, grad_output, ignore_index, compute_dtype, chunk_b
 
 def _linear_ce_setup(ctx, inputs, output):
     (hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, want_grads, n_classes, softcap,
-     grad_scale) = inputs
+     grad_scale, *_) = inputs
     _, grad_hidden, grad_weight = output
     # Only the loss is differentiated: the gradients of the two gradient outputs are never used,
     # and materialising them would zero-fill an (N, C) and a (V, C) fp32 buffer every step.
@@ -439,7 +462,7 @@ def _linear_ce_backward(ctx, grad_loss, grad_grad_hidden, grad_grad_weight):
             # The forward computed the gradients for grad_output = 1; scaling is a device op, no sync.
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
             grad_weight = grad_weight * grad_loss
-    return (grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None, None, None)
+    return (grad_hidden, grad_weight.to(ctx.weight_dtype)) + (None,) * 12
 
 
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
@@ -449,19 +472,21 @@ _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_c
 def _linear_ce_fwd_into_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            grad_weight_into: torch.Tensor, ignore_index: int, reduction: str,
                            compute_dtype: torch.dtype, chunk_bytes: int, n_classes: int, softcap: float,
-                           grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           grad_scale: float, weight_fp8: torch.Tensor | None = None,
+                           weight_fp8_t: torch.Tensor | None = None, weight_inv: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward with gradients, the weight's added into grad_weight_into (in place)."""
     check_tensors("linear_cross_entropy", hidden, weight, targets, grad_weight_into)
     _check_targets(targets, hidden.shape[0], n_classes, ignore_index)
     loss_rows, n_valid, grad_hidden, _ = _linear_ce_chunks(
         hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes, None, True, n_classes, softcap,
-        grad_scale, grad_weight_into)
+        grad_scale, grad_weight_into, _fp8_triple(weight_fp8, weight_fp8_t, weight_inv))
     return _reduce(loss_rows, reduction, n_valid), grad_hidden
 
 
 @_linear_ce_fwd_into_op.register_fake
 def _(hidden, weight, targets, grad_weight_into, ignore_index, reduction, compute_dtype, chunk_bytes, n_classes,
-      softcap, grad_scale):
+      softcap, grad_scale, weight_fp8=None, weight_fp8_t=None, weight_inv=None):
     return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden)
 
 
@@ -472,9 +497,10 @@ class _LinearCrossEntropyInto(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, grad_weight_into, ignore_index, reduction, compute_dtype, chunk_bytes,
-                n_classes, softcap, grad_scale):
+                n_classes, softcap, grad_scale, weight_fp8, weight_fp8_t, weight_inv):
         loss, grad_hidden = _linear_ce_fwd_into_op(hidden, weight, targets, grad_weight_into, ignore_index, reduction,
-                                                   compute_dtype, chunk_bytes, n_classes, softcap, grad_scale)
+                                                   compute_dtype, chunk_bytes, n_classes, softcap, grad_scale,
+                                                   weight_fp8, weight_fp8_t, weight_inv)
         ctx.save_for_backward(grad_hidden)
         ctx.grad_scale = grad_scale
         return loss
@@ -484,14 +510,15 @@ class _LinearCrossEntropyInto(torch.autograd.Function):
         (grad_hidden,) = ctx.saved_tensors
         torch._assert_async(grad_loss == ctx.grad_scale, "linear_cross_entropy: the upstream gradient is not "
                                                            "the grad_scale promised to the forward")
-        return (grad_hidden,) + (None,) * 10
+        return (grad_hidden,) + (None,) * 13
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          chunk_bytes: int | None, n_classes: int | None = None, ignore_index: int = -100,
                          reduction: str = "mean", compute_dtype: torch.dtype | None = None,
                          softcap: float = 0.0, grad_scale: float = 0.0,
-                         grad_weight_into: torch.Tensor | None = None) -> torch.Tensor:
+                         grad_weight_into: torch.Tensor | None = None, fp8: bool = False,
+                         fp8_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`F.cross_entropy((hidden @ weight.T)[:, :n_classes], targets)` without the (N, V) logits;
     with `softcap` > 0 the logits are first capped, c * tanh(z / c), inside the kernel.
 
@@ -514,6 +541,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     CUDA), instead of returning it for autograd to accumulate: the trainer's fused weight-gradient
     accumulation (gptfast.gradaccum), which passes `weight` as its once-per-step copy. The forward
     then always computes the gradients: call it only for a loss that backward will reach.
+    `fp8` ("mean" and "sum"): the three matmuls take e4m3 operands (the hidden rows and the weight)
+    and an e5m2 logits' gradient, tensorwise scaled (kernels/fp8.py's casts), with the weight's FP8
+    copies `fp8_weight` (gptfast.fp8.cast_weight, made once per optimizer step) or cast here.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -528,6 +558,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_bytes must be positive (or None), got {chunk_bytes}")
     compute_dtype = compute_dtype or hidden.dtype
+    weight_fp8 = weight_fp8_t = weight_inv = None
+    if fp8:
+        if reduction == "none":
+            raise ValueError("linear_cross_entropy: fp8 takes reduction mean or sum")
+        weight_fp8, weight_fp8_t, weight_inv = fp8_weight or to_fp8(weight.detach(), torch.float8_e4m3fn, True)
+    elif fp8_weight is not None:
+        raise ValueError("linear_cross_entropy: fp8_weight is given without fp8")
     if grad_weight_into is not None:
         if not (grad_scale > 0 and reduction != "none"):
             raise ValueError("linear_cross_entropy: grad_weight_into needs a grad_scale promise and reduction "
@@ -537,7 +574,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                              f"{grad_weight_into.dtype} {tuple(grad_weight_into.shape)}")
         return _LinearCrossEntropyInto.apply(hidden, weight, targets, grad_weight_into, ignore_index, reduction,
                                              compute_dtype, chunk_bytes or 0, n_classes, float(softcap),
-                                             float(grad_scale))
+                                             float(grad_scale), weight_fp8, weight_fp8_t, weight_inv)
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _linear_ce_fwd_op(hidden, weight, targets, ignore_index, reduction, compute_dtype, chunk_bytes or 0,
-                             want_grads, n_classes, float(softcap), float(grad_scale))[0]
+                             want_grads, n_classes, float(softcap), float(grad_scale), weight_fp8, weight_fp8_t,
+                             weight_inv)[0]

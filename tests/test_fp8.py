@@ -139,3 +139,151 @@ def test_fp8_linear_with_a_bias_a_cached_weight_and_an_accumulated_gradient():
     y_cached.backward(g)
     assert w.grad is None
     torch.testing.assert_close(main_grad, grad_w + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels.fp8 in the model
+
+def fp8_model_grads(mode: str, fused_loss: bool = False, fused: bool = False, dtype=None, policy: str = "none",
+                    arch: str = "gpt2", micro_steps: int = 2):
+    """(losses, .grad of every parameter, the model) after `micro_steps` micro-batches of a tiny
+    model, with kernels.fp8 = `mode`."""
+    from gptfast.config import KernelsConfig, ModelConfig, RecomputeConfig
+    from gptfast.gradaccum import GradAccumulation
+    from gptfast.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=16, vocab_size=200, arch=arch, bias=True)
+    model = GPT(cfg, KernelsConfig(fp8=mode, cross_entropy=fused_loss, fused_grad_accum=fused),
+                RecomputeConfig(policy=policy))
+    model.loss_grad_scale = 1.0 / micro_steps
+    accumulation = GradAccumulation(model, dtype) if fused else None
+    if accumulation:
+        accumulation.begin_step()
+    generator, losses = torch.Generator().manual_seed(1), []
+    for _ in range(micro_steps):
+        x = torch.randint(0, 200, (2, 16), generator=generator)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(x, x.roll(-1, 1)) / micro_steps
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters()}, model
+
+
+class ScaledMMs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts torch._scaled_mm calls: the ATen op's, and the fused loss's (its three GEMMs run
+    inside its custom op, which this mode sees whole: FP8 when it is handed the weight's FP8 copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket is torch.ops.aten._scaled_mm
+        if "linear_cross_entropy" in func.name():
+            named = {a.name: v for a, v in zip(func._schema.arguments, args)} | (kwargs or {})
+            self.calls += 3 * (named.get("weight_fp8") is not None)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, fused_loss, expected", [("mlp", False, 12), ("head", False, 3), ("head", True, 3),
+                                                        ("head+mlp", True, 15), ("off", True, 0)])
+def test_the_switch_puts_exactly_its_linears_in_fp8_and_only_while_training(mode, fused_loss, expected):
+    """Per micro-step, 3 FP8 GEMMs (forward, grad_x, grad_w) per Linear covered: the MLP's two in
+    each of 2 blocks, the head (inside the fused loss, one chunk); evaluation runs none."""
+    _, _, model = fp8_model_grads(mode, fused_loss, micro_steps=1)
+    x = torch.randint(0, 200, (2, 16))
+    with ScaledMMs() as counted:
+        model(x, x).backward()
+    assert counted.calls == expected
+    model.eval()
+    with ScaledMMs() as counted, torch.no_grad():
+        model(x, x)
+    assert counted.calls == 0
+
+
+@pytest.mark.parametrize("mode", ["mlp", "head", "head+mlp"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_model_gradients_within_the_bounds_of_the_bf16_path(mode, dtype):
+    """The whole model's loss and gradients with FP8 against the same model without: the loss
+    within 1%, every gradient within the e5m2 bound (20% relative Frobenius), and FP8 is in use
+    (some gradient differs by more than bf16 rounding)."""
+    want_losses, want, _ = fp8_model_grads("off", dtype=dtype)
+    got_losses, got, _ = fp8_model_grads(mode, dtype=dtype)
+    assert got_losses == pytest.approx(want_losses, rel=1e-2)
+    errors = {name: relative_error(got[name], want[name]) for name in want}
+    assert max(errors.values()) < 0.20, errors
+    assert max(errors.values()) > 0.01, errors
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])  # gpt2: the head tied to the embedding; modern: soft cap
+def test_fp8_head_inside_the_fused_loss_equals_the_fp8_linear_head(arch):
+    """With one chunk the fused loss's FP8 head casts what the FP8 Linear head casts (the hidden
+    rows, the weight, the logits' gradient): the same loss and gradients to fp32 summation order.
+    Mutant caught: the chunk's grad_hidden from the bf16 weight."""
+    want_losses, want, _ = fp8_model_grads("head", fused_loss=False, arch=arch)
+    got_losses, got, _ = fp8_model_grads("head", fused_loss=True, arch=arch)
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_with_fused_grad_accum_equals_fp8_alone(fused_loss, dtype):
+    """The FP8 copies made once per step are the casts a forward would make, and the fp32 weight
+    gradient lands in the buffer: gradients equal FP8 without the fused accumulation."""
+    want_losses, want, _ = fp8_model_grads("head+mlp", fused_loss, fused=False, dtype=dtype)
+    got_losses, got, model = fp8_model_grads("head+mlp", fused_loss, fused=True, dtype=dtype)
+    assert got_losses == want_losses
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8, msg=name)
+    assert model.transformer.h[0].mlp.c_fc.fp8_weight is not None
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_fp8_under_recomputation_equals_no_recomputation(policy):
+    """The recomputed forward casts the same tensors to the same FP8 (selective keeps _scaled_mm's
+    outputs)."""
+    _, want, _ = fp8_model_grads("head+mlp", fused_loss=True, policy="none")
+    _, got, _ = fp8_model_grads("head+mlp", fused_loss=True, policy=policy)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_refresh_recasts_the_fp8_copies_after_an_update():
+    from gptfast.gradaccum import GradAccumulation
+
+    _, _, model = fp8_model_grads("head+mlp", fused_loss=True, micro_steps=1)
+    accumulation = GradAccumulation(model, torch.bfloat16)
+    fc = model.transformer.h[1].mlp.c_fc
+    with torch.no_grad():
+        fc.weight.mul_(3.0)
+    accumulation.refresh()
+    for kept, cast in zip(fc.fp8_weight, cast_weight(fc.weight), strict=True):
+        assert torch.equal(kept.view(torch.uint8) if kept.dtype != torch.float32 else kept,
+                           cast.view(torch.uint8) if cast.dtype != torch.float32 else cast)
+    assert model.transformer.h[0].attn.c_attn.fp8_weight is None  # attention stays in bf16
+
+
+@pytest.mark.slow
+def test_fp8_model_compiles():
+    """torch.compile over the FP8 model (the casts are custom ops, _scaled_mm an ATen op): the
+    compiled loss and gradients are the eager ones."""
+    from gptfast.config import KernelsConfig, ModelConfig
+    from gptfast.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64),
+                KernelsConfig(fp8="head+mlp", cross_entropy=True))
+    model.loss_grad_scale = 1.0
+    x = torch.randint(0, 64, (2, 16))
+    eager = model(x, x)
+    eager.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)(x, x)
+    compiled.backward()
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)

@@ -57,3 +57,32 @@ def test_fused_grad_accum_without_an_fp32_output_matmul_is_said_once(tiny_config
     resolved = resolve.resolve_config(cfg, torch.device("cpu"), amp_dtype, lines.append)
     assert sum("kernels.fused_grad_accum" in line and "rounded to torch.bfloat16" in line for line in lines) == said
     assert resolved.kernels.fused_grad_accum is fused
+
+
+def test_fp8_without_triton_is_switched_off_and_said(monkeypatch):
+    """FP8's casts are Triton kernels: without Triton the run trains in bf16, said in the same line."""
+    monkeypatch.setattr(resolve, "triton_unavailable_reason", lambda device: "no Triton here")
+    lines = []
+    got = resolve.available_kernels(KernelsConfig(cross_entropy=True, fp8="head+mlp"), torch.device("cpu"),
+                                    lines.append)
+    assert got.fp8 == "off" and got.cross_entropy is False
+    assert lines == ["kernels cross_entropy, fp8: no Triton here; this cpu run uses PyTorch's ops"]
+    lines.clear()
+    monkeypatch.undo()
+    assert resolve.available_kernels(KernelsConfig(fp8="mlp"), torch.device("cpu"), lines.append).fp8 == "mlp"
+    assert lines == ["Triton kernels: fp8 (mlp)"]
+
+
+@pytest.mark.parametrize("capability, n_embd, refused", [((8, 6), 64, "sm_89 or later GPU .* is sm_86"),
+                                                          ((8, 9), 72, "model.n_embd is 72, and FP8 matmuls need"),
+                                                          ((9, 0), 64, None)], ids=["ampere", "width", "hopper"])
+def test_fp8_on_a_gpu_before_ada_or_at_an_odd_width_is_refused(tiny_config, monkeypatch, capability, n_embd, refused):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(resolve, "device_name", lambda device: "the test GPU")
+    cfg = tiny_config({"kernels.fp8": '"mlp"', "model.n_embd": n_embd})
+    if refused:
+        with pytest.raises(ConfigError, match=refused):
+            resolve.check_fp8(cfg, torch.device("cuda"))
+    else:
+        resolve.check_fp8(cfg, torch.device("cuda"))
+    resolve.check_fp8(dataclasses.replace(cfg, kernels=KernelsConfig()), torch.device("cuda"))  # off: nothing asked

@@ -152,3 +152,27 @@ def test_fp8_matmuls_count_apart_and_run_at_the_cards_fp8_rate():
     assert card.fp8_flops == 2 * card.peak_flops
     with pytest.raises(ConfigError, match="no FP8 tensor cores"):
         modelled_time(cost, "RTX 3090")
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_kernels_fp8_moves_the_mlp_and_head_matmuls_to_the_fp8_rate_and_counts_the_casts(fused_loss):
+    """kernels.fp8 = "head+mlp": the MLP's two GEMMs per block and the head's run at the FP8 rate,
+    attention's projections stay bf16; each FP8 Linear casts its input (read twice: the amax
+    pass, written twice: the row-major copy and its transpose, 1 B each) and its output's gradient
+    the same way, by hand. The weights' casts: 1 B per element of each copy, per micro-step
+    (no fused accumulation: cast at every forward)."""
+    extra = ["--kernels.fp8=head+mlp", f"--kernels.cross_entropy={str(fused_loss).lower()}"]
+    m = count_step(config(extra), policy="none").micro
+    tokens = B * T
+    assert m.flops["fp8 matmuls"] == 6 * tokens * (L * 8 * C * C + V * C)
+    assert m.flops["matmuls"] == 6 * tokens * L * 4 * C * C
+    # autocast: the output gradients and GELU's output are bf16; LayerNorm's outputs (c_fc's and
+    # the head's inputs) are fp32 (autocast runs layer_norm in fp32), which the cast reads as they are
+    bf16, fp32 = 2 * 2 + 2, 2 * 4 + 2
+    mlp = L * tokens * (C * fp32 + 4 * C * bf16  # c_fc, c_proj inputs
+                        + 4 * C * bf16 + C * bf16)  # their output gradients
+    weights = L * 2 * 4 * C * C * (4 + 4 + 2) + V * C * (4 + 4 + 2)  # from the fp32 weights
+    head = tokens * C * fp32 + tokens * V * bf16  # hidden rows, logits' gradient
+    # an inverse scale written per cast: 3 per Linear; the fused loss's own (rows, gradients) are inside it
+    inverse_scales = 4 * (3 * 2 * L + (1 if fused_loss else 3))
+    assert m.bytes["fp8 casts"] == mlp + weights + head + inverse_scales

@@ -41,13 +41,15 @@ EVERY_KERNEL = {"kernels.layernorm": True, "kernels.cross_entropy": True, "kerne
 
 MODERN = {"model.arch": '"modern"'}
 FUSED_GRAD_ACCUM = {"kernels.fused_grad_accum": True}
+FP8 = {"kernels.fp8": '"head+mlp"', "kernels.cross_entropy": True, **KERNEL_TEST_OVERRIDES}
 
 
 @pytest.mark.parametrize("extra", [{"model.dropout": 0.0}, {"model.dropout": 0.1}, MUON, dict(MUON, **EVERY_KERNEL),
                                    dict(MODERN, **MUON), dict(MODERN, **MUON, **EVERY_KERNEL), FUSED_GRAD_ACCUM,
-                                   dict(MODERN, **MUON, **FUSED_GRAD_ACCUM)],
+                                   dict(MODERN, **MUON, **FUSED_GRAD_ACCUM), FP8, dict(MODERN, **MUON, **FUSED_GRAD_ACCUM, **FP8)],
                          ids=["adamw", "adamw+dropout", "muon", "muon+kernels+recompute", "modern+muon",
-                              "modern+muon+kernels+recompute", "adamw+fused_grad_accum", "modern+muon+fused_grad_accum"])
+                              "modern+muon+kernels+recompute", "adamw+fused_grad_accum", "modern+muon+fused_grad_accum",
+                              "adamw+fp8", "modern+muon+fused_grad_accum+fp8"])
 def test_interrupted_run_resumes_bit_exact(tiny_config, tmp_path, extra):
     straight = Trainer(tiny_config(extra, out_dir=tmp_path / "straight"), log=quiet)
     straight.run()
