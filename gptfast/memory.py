@@ -151,7 +151,8 @@ def measure_peak_bytes(fn: Callable[[], object], existing: list[torch.Tensor] = 
 # Prediction
 
 
-def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fused_ln: bool) -> float:
+def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fused_ln: bool,
+                               fp8: str = "off") -> float:
     """Bytes one block holds for backward per token. C = width, H = heads, a = activation bytes
     (2 under bf16 autocast, 4 in fp32); the residual stream is always fp32 (4 B).
     none:      the two LayerNorms' fp32 inputs (the block input and the stream after attention,
@@ -180,11 +181,16 @@ def activation_bytes_per_token(cfg: ModelConfig, policy: str, act_bytes: int, fu
       (+aC), and under bf16 the bf16 copy of ve that b's gradient reads (+2C), in the 2k blocks
       that have one: averaged over the L blocks. The lookups are in `round2_bytes_per_token`.
     - doc_mask, attn_window: with FlexAttention nothing beyond plain attention's log-sum-exp;
-      SDPA's dense mask is `predict_peak`'s "attention mask" part."""
+      SDPA's dense mask is `predict_peak`'s "attention mask" part.
+    kernels.fp8 with the MLP (gptfast.fp8), under none: c_fc and c_proj save their inputs' FP8
+    transposes (1 B an element) instead of their activation-dtype copies: C + 4C for aC + 4aC,
+    -5(a - 1)C. Under selective and full the casts are recomputed: no change."""
     C, a = cfg.n_embd, act_bytes
     total = 4 * C if cfg.embed_skip else 0
     if policy == "none" and cfg.value_embeds:
         total += 2 * cfg.value_embeds / cfg.n_layer * (a * C + (2 * C if a == 2 else 0))
+    if policy == "none" and "mlp" in fp8:
+        total -= 5 * (a - 1) * C
     return total + _block_bytes_per_token(cfg, policy, a, fused_ln)
 
 
@@ -274,19 +280,31 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     tokens = micro_batch_size * m.block_size
     n_params = n_params or padded_param_count(m)
     recomputed = 0 if policy == "none" else len(range(0, m.n_layer, every))
-    per_token = (recomputed * activation_bytes_per_token(m, policy, act_bytes, cfg.kernels.layernorm)
-                 + (m.n_layer - recomputed) * activation_bytes_per_token(m, "none", act_bytes, cfg.kernels.layernorm))
+    fp8 = cfg.kernels.fp8
+    ln = cfg.kernels.layernorm
+    per_token = (recomputed * activation_bytes_per_token(m, policy, act_bytes, ln, fp8)
+                 + (m.n_layer - recomputed) * activation_bytes_per_token(m, "none", act_bytes, ln, fp8))
     vocab = m.vocab_size
+    # kernels.fp8: the weights its matmuls read in FP8 are not cast to bf16 by autocast; each has an
+    # e4m3 copy and its transpose (1 B a weight each): both kept from step to step with
+    # fused_grad_accum (which still keeps its bf16 copy too), else made at each forward, the
+    # transpose saved for backward
+    fp8_params = (8 * m.n_embd ** 2 * m.n_layer if "mlp" in fp8 else 0) \
+        + (m.padded_vocab_size * m.n_embd if "head" in fp8 else 0)
+    autocast_copies = n_params - (0 if cfg.kernels.fused_grad_accum else fp8_params)
+    head_input = 1 if "head" in fp8 and not fused_ce else act_bytes  # FP8: ln_f's output saved as e4m3
     parts = {
         "weights + grads": 8 * n_params,
         **optimizer_state_bytes(cfg, n_params),
-        "bf16 weight copies": 2 * n_params if act_bytes == 2 else 0,
+        "bf16 weight copies": 2 * autocast_copies if act_bytes == 2 else 0,
         "activations": int(per_token * tokens),
         # embedding output + ln_f input (fp32 stream), ln_f output for the head matmul (and
         # RMSNorm's fp32 normalised input on the PyTorch path)
-        "embedding + head": int(tokens * (4 * m.n_embd * 2 + act_bytes * m.n_embd + 16
-                                          + (4 * m.n_embd if m.norm == "rmsnorm" and not cfg.kernels.layernorm else 0))),
+        "embedding + head": int(tokens * (4 * m.n_embd * 2 + head_input * m.n_embd + 16
+                                          + (4 * m.n_embd if m.norm == "rmsnorm" and not ln else 0))),
     }
+    if fp8_params:
+        parts["fp8 weight copies"] = fp8_params * (2 if cfg.kernels.fused_grad_accum else 1)
     if m.embed_skip or m.unet_skips or m.value_embeds:
         parts["round-2 streams"] = int(tokens * round2_bytes_per_token(m, policy, act_bytes))
     if m.masked_attention and not cfg.kernels.flex_attention:
@@ -300,6 +318,12 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
         # one chunk of logits (in place, also its gradient), grad_hidden, fp32 grad_weight
         chunk = min(tokens * vocab * act_bytes, cfg.kernels.loss_chunk_mib * 2**20)
         parts["loss"] = chunk + tokens * m.n_embd * act_bytes + vocab * m.n_embd * 4
+        if "head" in fp8:
+            # a chunk's e4m3 rows and their transpose, its logits' gradient in e5m2 and its
+            # transpose (1 B each), and each chunk's fp32 weight-gradient product before it is added
+            rows = chunk // (vocab * act_bytes)
+            parts["loss"] += 2 * rows * (m.n_embd + m.padded_vocab_size) \
+                + (m.padded_vocab_size * m.n_embd * 4 if tokens > rows else 0)  # a second chunk's product
     else:
         # The peak is in the log-softmax's backward: three fp32 (tokens, V_pad) tensors at once (the
         # log-probabilities saved by the forward, their gradient, the input's gradient), whatever the

@@ -1,5 +1,7 @@
 """Activation recomputation and the memory planner (gptfast/memory.py)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,6 +48,53 @@ def test_saved_bytes_order_and_prediction(fused, arch):
         predicted = (cfg.n_layer - 1) * tokens * activation_bytes_per_token(cfg, policy, 4, fused)
         assert abs(measured[policy] - predicted) <= 0.10 * predicted, (policy, measured[policy], predicted)
     assert measured["none"] > measured["selective"] > measured["full"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_fp8_mlp_saved_bytes_match_the_prediction(arch):
+    """kernels.fp8 = "mlp": each policy's interior blocks within 10% of the planner's formula (under
+    none the MLP's inputs saved as FP8, 1 B an element, plus the two weights' saved e4m3 transposes,
+    8 C^2 B a block; the casts recomputed under selective and full), and under none fewer bytes
+    than the bf16-free fp32 path by the formula's 5 (a - 1) C a token, a = 4."""
+    cfg = TINY if arch == "gpt2" else ModelConfig.for_arch("modern", n_layer=3, n_head=2, n_embd=64, block_size=32,
+                                                           vocab_size=101)
+    x, y = batch(cfg)
+    tokens, blocks = x.numel(), cfg.n_layer - 1
+    measured = {}
+    for fp8 in ("off", "mlp"):
+        for policy in RECOMPUTE_POLICIES:
+            torch.manual_seed(0)
+            model = GPT(cfg, KernelsConfig(fp8=fp8), RecomputeConfig(policy=policy))
+            measured[fp8, policy] = interior_block_bytes(measure_saved_bytes(model, x, y), cfg)
+            weights = 8 * cfg.n_embd ** 2 * blocks if fp8 == "mlp" and policy == "none" else 0
+            predicted = blocks * tokens * activation_bytes_per_token(cfg, policy, 4, False, fp8) + weights
+            assert abs(measured[fp8, policy] - predicted) <= 0.10 * predicted, (fp8, policy, measured, predicted)
+    saved = blocks * (tokens * 15 * cfg.n_embd - 8 * cfg.n_embd ** 2)
+    assert abs(measured["off", "none"] - measured["mlp", "none"] - saved) <= 0.10 * saved
+    assert measured["off", "selective"] == measured["mlp", "selective"]
+
+
+def test_fp8_weight_copies_and_fused_head_chunks_are_counted():
+    """The planner's FP8 parts for GPT-2 small at micro-batch 8: the MLP and head weights' e4m3
+    copies (2 B a weight kept with fused_grad_accum, else the 1 B transpose saved), no bf16 autocast
+    copy of those weights without fused_grad_accum, and the fused FP8 head's per-chunk FP8 operands
+    and fp32 product."""
+    base = load_config(REPO / "configs" / "small_4070.toml")
+    m = base.model
+    fp8_params = 8 * m.n_embd ** 2 * m.n_layer + m.padded_vocab_size * m.n_embd
+
+    def parts(**kernels):
+        cfg = dataclasses.replace(base, kernels=dataclasses.replace(base.kernels, **kernels))
+        return predict_peak(cfg, 8, "none").parts
+
+    off, fp8 = parts(cross_entropy=True), parts(cross_entropy=True, fp8="head+mlp")
+    kept = parts(cross_entropy=True, fp8="head+mlp", fused_grad_accum=True)
+    assert fp8["fp8 weight copies"] == fp8_params and kept["fp8 weight copies"] == 2 * fp8_params
+    assert off["bf16 weight copies"] - fp8["bf16 weight copies"] == 2 * fp8_params
+    assert kept["bf16 weight copies"] == off["bf16 weight copies"]
+    assert fp8["activations"] < off["activations"]
+    rows = KernelsConfig().loss_chunk_mib * 2**20 // (m.vocab_size * 2)
+    assert fp8["loss"] - off["loss"] == 2 * rows * (m.n_embd + m.padded_vocab_size) + 4 * m.padded_vocab_size * m.n_embd
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])
