@@ -27,6 +27,8 @@ setup(
         # python -m gptfast.plot
         "plot": ["matplotlib>=3.7"],
         # the peer kernel libraries the benchmarks race against
-        "peers": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
+        # torchao: float8's Float8Linear (tensorwise), which tests/test_fp8.py holds gptfast.fp8 to and
+        # bench/bench_fp8.py times beside it; a peer, not a dependency (docs/kernels.md says why)
+        "peers": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1", "torchao>=0.13"],
     },
 )

@@ -8,7 +8,10 @@ FP8Linear with every cast it makes (the input's and the output gradient's amax, 
 transposed copy; the weight's cast once per optimizer step, outside the timing, as
 kernels.fused_grad_accum keeps it); `gptfast_weightcast` casts the weight at every call too (FP8
 without fused_grad_accum); `fp8_matmuls_only` is the three `torch._scaled_mm` calls alone on
-operands cast beforehand: the ceiling, what the casts cost is gptfast's distance from it.
+operands cast beforehand: the ceiling, what the casts cost is gptfast's distance from it;
+`torchao` is torchao.float8's Float8Linear (tensorwise recipe, the library a user would reach
+for; docs/kernels.md compares it), compiled as torchao requires for its casts to fuse, where
+torchao is installed (`pip install torchao`; skipped, saying so, where it is not).
 
 head: linear_cross_entropy forward + backward at the padded vocabulary, gptfast's fused loss in
 bf16 (`torch`) against the same loss with its three matmuls in FP8 (`gptfast`, the weight's copies
@@ -31,10 +34,24 @@ SHAPES = [(model, layer, fan_in, fan_out)
           for model, c in (("124M", 768), ("350M", 1024))
           for layer, fan_in, fan_out in (("qkv", c, 3 * c), ("attn proj", c, c), ("c_fc", c, 4 * c),
                                          ("c_proj", 4 * c, c))] if on_gpu() else [("tiny", "c_fc", 64, 256)]
-PROVIDERS = ["gptfast", "gptfast_weightcast", "fp8_matmuls_only", "torch"]
+PROVIDERS = ["gptfast", "gptfast_weightcast", "fp8_matmuls_only", "torchao", "torch"]
 VOCAB = 50257
 PADDED_VOCAB = ModelConfig(vocab_size=VOCAB).padded_vocab_size
 HEAD_WIDTHS = [768, 1024] if on_gpu() else [64]
+
+
+def torchao_linear(fan_in: int, fan_out: int, weight: torch.Tensor):
+    """torchao's Float8Linear (tensorwise) over `weight`, compiled; pytest.skip where torchao is missing."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        pytest.skip(f"torchao is not installed ({e}); `pip install torchao` to compare with it")
+    linear = torch.nn.Linear(fan_in, fan_out, bias=False, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    module = convert_to_float8_training(torch.nn.Sequential(linear),
+                                        config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    return torch.compile(module)
 
 
 def matmuls_only(x8, x8_t, x_inv, w8, w8_t, w_inv, g8, g8_t, g_inv):
@@ -62,6 +79,7 @@ def test_linear(benchmark, record, device, shape, provider):
     sets = rotating(make, ROWS * (fan_in + fan_out) * 2, device)
     if provider == "fp8_matmuls_only":
         sets = [(*to_fp8(x.detach(), E4M3, True), *cached, *to_fp8(g, E5M2, True)) for x, g in sets]
+    ao = torchao_linear(fan_in, fan_out, weight.detach()) if provider == "torchao" else None
 
     def call(i):
         if provider == "fp8_matmuls_only":
@@ -70,6 +88,9 @@ def test_linear(benchmark, record, device, shape, provider):
         x, grad_y = sets[i]
         if provider == "torch":
             y = torch.nn.functional.linear(x, weight_bf16)
+        elif provider == "torchao":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = ao(x)
         else:
             ours = dict(cached=cached, main_grad=main_grad) if provider == "gptfast" else {}
             y = fp8_linear(x, weight, out_dtype=torch.bfloat16, **ours)

@@ -61,9 +61,10 @@ def check_fp8(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"kernels.fp8 = {cfg.kernels.fp8!r}: FP8 matmuls need an sm_89 or later GPU (Ada, "
                           f"Hopper), and {device_name(device)} is sm_{capability[0]}{capability[1]}; "
                           'set kernels.fp8 = "off"')
-    if cfg.model.n_embd % FP8_MULTIPLE:
-        raise ConfigError(f"kernels.fp8 = {cfg.kernels.fp8!r}: model.n_embd is {cfg.model.n_embd}, and FP8 matmuls "
-                          f"need widths that are multiples of {FP8_MULTIPLE}")
+    for key, width in (("model.n_embd", cfg.model.n_embd), ("model.block_size", cfg.model.block_size)):
+        if width % FP8_MULTIPLE:  # the context too: a micro-batch's rows are the GEMMs' other dimension
+            raise ConfigError(f"kernels.fp8 = {cfg.kernels.fp8!r}: {key} is {width}, and FP8 matmuls need "
+                              f"dimensions that are multiples of {FP8_MULTIPLE}")
 
 
 def resolve_config(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None,

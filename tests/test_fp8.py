@@ -287,3 +287,30 @@ def test_fp8_model_compiles():
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
     for p, g in zip(model.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_fp8_linear_equals_torchaos_tensorwise_float8linear():
+    """The same recipe as torchao.float8's Float8Linear (tensorwise: e4m3 input and weight, e5m2
+    output gradient, amax scaling; the `peers` extra installs it): y and grad_x bitwise equal; grad_w
+    within bf16's rounding (torchao writes it in the input's dtype, we in fp32)."""
+    pytest.importorskip("torchao.float8", reason="torchao comes with the peers extra")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    torch.manual_seed(11)
+    x = torch.randn(96, 112).to(torch.bfloat16)
+    w = torch.randn(208, 112) * 0.02
+    g = torch.randn(96, 208).to(torch.bfloat16)
+    linear = torch.nn.Linear(112, 208, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    theirs = convert_to_float8_training(torch.nn.Sequential(linear),
+                                        config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    x_theirs, x_ours, w_ours = x.clone().requires_grad_(), x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_theirs = theirs(x_theirs)
+    y_theirs.backward(g)
+    y_ours = fp8_linear(x_ours, w_ours)
+    y_ours.backward(g)
+    assert torch.equal(y_ours, y_theirs)
+    assert torch.equal(x_ours.grad, x_theirs.grad)
+    torch.testing.assert_close(w_ours.grad, linear.weight.grad.float(), rtol=2 ** -8, atol=1e-6)

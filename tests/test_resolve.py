@@ -73,13 +73,15 @@ def test_fp8_without_triton_is_switched_off_and_said(monkeypatch):
     assert lines == ["Triton kernels: fp8 (mlp)"]
 
 
-@pytest.mark.parametrize("capability, n_embd, refused", [((8, 6), 64, "sm_89 or later GPU .* is sm_86"),
-                                                          ((8, 9), 72, "model.n_embd is 72, and FP8 matmuls need"),
-                                                          ((9, 0), 64, None)], ids=["ampere", "width", "hopper"])
-def test_fp8_on_a_gpu_before_ada_or_at_an_odd_width_is_refused(tiny_config, monkeypatch, capability, n_embd, refused):
+@pytest.mark.parametrize("capability, n_embd, block_size, refused", [
+    ((8, 6), 64, 64, "sm_89 or later GPU .* is sm_86"), ((8, 9), 72, 64, "model.n_embd is 72, and FP8 matmuls need"),
+    ((8, 9), 64, 40, "model.block_size is 40, and FP8 matmuls need"), ((9, 0), 64, 64, None)],
+    ids=["ampere", "width", "context", "hopper"])
+def test_fp8_on_a_gpu_before_ada_or_at_an_odd_width_is_refused(tiny_config, monkeypatch, capability, n_embd,
+                                                                block_size, refused):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(resolve, "device_name", lambda device: "the test GPU")
-    cfg = tiny_config({"kernels.fp8": '"mlp"', "model.n_embd": n_embd})
+    cfg = tiny_config({"kernels.fp8": '"mlp"', "model.n_embd": n_embd, "model.block_size": block_size})
     if refused:
         with pytest.raises(ConfigError, match=refused):
             resolve.check_fp8(cfg, torch.device("cuda"))
