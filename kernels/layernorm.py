@@ -37,6 +37,26 @@ from kernels._utils import as_rows, cast_rtne, check_tensors, interpreted, row_b
 BWD_PROGRAMS_PER_SM = 4
 
 
+def bwd_block_settings(n_cols: int, s_bytes: int, dy_bytes: int, device: torch.device) -> tuple[int, int, int]:
+    """Backward's (BLOCK_SIZE, BLOCK_ROWS, num_warps): warps sized by the narrowest tensor it moves
+    (a bf16 dy beside an fp32 stream), so that one too is read 16 B a thread, not 8 (the wider
+    ones take two 16 B accesses)."""
+    return row_block_settings(n_cols, min(s_bytes, dy_bytes), device)
+
+
+def bwd_stages(block: int) -> int:
+    """Stages of backward's software-pipelined row loop: the next tile's s, dy and ds_in copied to
+    shared memory (cp.async) while this one is computed. Two up to 2048-wide rows (10 KB of shared
+    memory a program at C = 768 with an fp32 stream and bf16 dy: four programs fit an Ada SM's
+    100 KB); wider rows are not pipelined (at 8192 the extra registers spill)."""
+    return 2 if block <= 2048 else 1
+
+
+@triton.jit
+def _add_pair(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
 @triton.jit
 def _layer_norm_fwd_kernel(
     # data ptrs
@@ -117,9 +137,12 @@ def _layer_norm_bwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # Each program walks its rows_per_program rows in tiles of BLOCK_ROWS, keeping fp32 partial
-    # sums for dweight / dbias in registers; the partials are summed once after the launch.
+    # sums for dweight / dbias in registers; the partials are summed once after the launch. The
+    # loop is pipelined (NUM_STAGES), and the row's two sums are one joint reduction: one trip
+    # through shared memory per tile, not two.
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)  # (C,)
     col_mask = cols < n_cols
@@ -128,7 +151,7 @@ def _layer_norm_bwd_kernel(
     db_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for tile in range(row_start, row_end, BLOCK_ROWS):
+    for tile in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=NUM_STAGES):
         rows = tile + tl.arange(0, BLOCK_ROWS)  # (R,)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]  # (R, C)
@@ -141,12 +164,12 @@ def _layer_norm_bwd_kernel(
             mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
             xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
-        c1 = tl.sum(xhat * g, axis=1) / n_cols  # (R,)
         if RMS:
+            c1 = tl.sum(xhat * g, axis=1) / n_cols  # (R,)
             ds = (g - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.sum(g, axis=1) / n_cols  # (R,)
-            ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            c1, c2 = tl.reduce((xhat * g, g), 1, _add_pair)  # (R,) each
+            ds = (g - (xhat * (c1 / n_cols)[:, None] + (c2 / n_cols)[:, None])) * rstd[:, None]
         if HAS_DS_IN:
             ds += tl.load(ds_in_ptr + rows[:, None] * stride_ds_in_row + cols[None, :], mask=mask,
                           other=0.0).to(tl.float32)
@@ -279,14 +302,14 @@ def layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, has_
     db_partial = db_partial if has_bias else None
     if has_bias and db_partial.stride(0) != dw_partial.stride(0):
         raise ValueError("layer_norm backward: the dW and dB partial buffers must share their row stride")
-    block, block_rows, num_warps = row_block_settings(n_cols, s.element_size(), s.device)
+    block, block_rows, num_warps = bwd_block_settings(n_cols, s.element_size(), dy.element_size(), s.device)
     _layer_norm_bwd_kernel[(n_programs,)](
         dy_rows, ds_in_rows, s_rows, weight, mean, rstd, ds_rows, dx_rows, dw_partial, db_partial,
         dy_rows.stride(0), ds_in_rows.stride(0) if ds_in_rows is not None else 0, s_rows.stride(0),
         ds_rows.stride(0), dx_rows.stride(0) if has_dx else 0, dw_partial.stride(0),
         n_rows, n_cols, rows_per_program,
         HAS_DS_IN=ds_in is not None, HAS_DX=has_dx, HAS_BIAS=has_bias, RMS=rms, BLOCK_ROWS=block_rows,
-        BLOCK_SIZE=block, INTERPRETED=interpreted(s.device), num_warps=num_warps,
+        BLOCK_SIZE=block, INTERPRETED=interpreted(s.device), NUM_STAGES=bwd_stages(block), num_warps=num_warps,
     )
     if partials is not None:  # one launch sums both
         sums = partials.sum(0).to(weight.dtype)[:, :n_cols]  # (2, C)

@@ -47,9 +47,16 @@ TARGETS = {"sm_89 (RTX 40xx)": GPUTarget("cuda", 89, 32), "sm_90 (H100/H200)": G
 
 
 def expect(vector_loads: bool, vector_stores: bool, fp64_allowed: bool = False, max_registers: int = 128,
-           fp8_convert: str | None = None) -> dict:
+           fp8_convert: str | None = None, only_wide_loads: bool = False, pipelined: bool = False,
+           max_barriers: int | None = None) -> dict:
     return {"vector_loads": vector_loads, "vector_stores": vector_stores, "fp64_allowed": fp64_allowed,
-            "max_registers": max_registers, "fp8_convert": fp8_convert}
+            "max_registers": max_registers, "fp8_convert": fp8_convert, "only_wide_loads": only_wide_loads,
+            "pipelined": pipelined, "max_barriers": max_barriers}
+
+
+# LayerNorm backward's barriers (bar.sync) up to 2048 wide, all of them: 11 with the row's two sums
+# reduced one after the other, 10 as one joint reduction (Triton 3.9, sm_89 and sm_90)
+BWD_BARRIERS = 10
 
 
 def pointers_and(signature: dict, *ints: str) -> list[str]:
@@ -92,17 +99,21 @@ def layer_norm_cases():
         }
         for block, rms in ((1024, False), (2048, False), (8192, False), (1024, True), (2048, True)):
             meta = {"HAS_DS_IN": True, "HAS_DX": has_dx, "HAS_BIAS": not rms, "RMS": rms, "BLOCK_ROWS": 1,
-                    "BLOCK_SIZE": block, "INTERPRETED": False}
+                    "BLOCK_SIZE": block, "INTERPRETED": False, "NUM_STAGES": layernorm.bwd_stages(block)}
             constexprs = dict(meta) if has_dx else dict(meta, dx_ptr=None)
             sig = dict(signature, **{k: "constexpr" for k in meta})
             if rms:  # no bias: no dB partials
                 sig["db_partial_ptr"], constexprs["db_partial_ptr"] = "constexpr", None
-            _, _, num_warps = row_block_settings(block, 4 if s_ty == "fp32" else 2, CUDA)
+            size = {"bf16": 2, "fp32": 4}
+            _, _, num_warps = layernorm.bwd_block_settings(block, size[s_ty], size[dy_ty], CUDA)
             yield (f"{'rms' if rms else 'layer'}_norm bwd dy={dy_ty} s={s_ty} C<={block} warps={num_warps}",
                    layernorm._layer_norm_bwd_kernel, sig, constexprs, num_warps,
                    pointers_and(signature, "stride_dy_row", "stride_ds_in_row", "stride_s_row", "stride_ds_row",
                                 "stride_dx_row", "stride_partial_row", "n_cols"),
-                   expect(True, True, max_registers=168))
+                   # every streamed access 128-bit (the bf16 dy too); up to 2048 wide the row loop
+                   # pipelined through cp.async, and the row's sums one joint reduction (BWD_BARRIERS)
+                   expect(True, True, max_registers=168, only_wide_loads=True, pipelined=block <= 2048,
+                          max_barriers=BWD_BARRIERS if block <= 2048 else None))
 
 
 def cross_entropy_cases():
@@ -206,7 +217,13 @@ def ptx_properties(ptx: str) -> dict:
     return {"vector_loads": bool(re.search(r"\bld\.global(\.\w+)*\.v4\.", ptx)),
             "vector_stores": bool(re.search(r"\bst\.global(\.\w+)*\.v4\.", ptx)),
             "fp64": len(re.findall(r"^\s*[a-z][\w.]*\.f64\b", ptx, re.M)),
-            "fp8_converts": set(re.findall(r"\bcvt\.rn\.satfinite\.(e4m3x2|e5m2x2)\.f32\b", ptx))}
+            "fp8_converts": set(re.findall(r"\bcvt\.rn\.satfinite\.(e4m3x2|e5m2x2)\.f32\b", ptx)),
+            # 64-bit vector global loads, or 8-byte asynchronous copies (a pipelined loop's loads): a
+            # streamed tensor read in narrower pieces than 16 B (per-row scalars are 4-byte copies)
+            "narrow_vector_loads": len(re.findall(r"\bld\.global(\.\w+)*\.v2\.", ptx))
+            + len(re.findall(r"\bcp\.async\.\w+\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*0x8\b", ptx)),
+            "async_copies": len(re.findall(r"\bcp\.async\.(ca|cg)\.shared\.global\b", ptx)),
+            "barriers": len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx))}
 
 
 def violations(props: dict, registers: int, spills: int, expected: dict) -> list[str]:
@@ -219,6 +236,12 @@ def violations(props: dict, registers: int, spills: int, expected: dict) -> list
         found.append(f"{props['fp64']} fp64 instructions")
     if expected["fp8_convert"] and expected["fp8_convert"] not in props["fp8_converts"]:
         found.append(f"no hardware {expected['fp8_convert']} conversion")
+    if expected["only_wide_loads"] and props["narrow_vector_loads"]:
+        found.append(f"{props['narrow_vector_loads']} 64-bit loads (ld.global.v2 or 8-byte cp.async)")
+    if expected["pipelined"] and not props["async_copies"]:
+        found.append("the row loop is not pipelined (no cp.async)")
+    if expected["max_barriers"] is not None and props["barriers"] > expected["max_barriers"]:
+        found.append(f"{props['barriers']} barriers > {expected['max_barriers']}")
     if spills != 0:
         found.append(f"{spills} bytes spilled")
     if registers > expected["max_registers"]:
