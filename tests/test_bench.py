@@ -88,7 +88,8 @@ def test_the_benchmark_command_runs_and_writes_its_results(tmp_path):
         assert all(p.stat().st_size > 0 for p in new)
         ours = next(p for p in new if p.name.endswith(".json") and not p.name.endswith("pytest-benchmark.json"))
         suites = {row["suite"] for row in json.loads(ours.read_text())["rows"]}
-        assert {"layernorm", "cross_entropy", "linear_cross_entropy", "adamw", "train", "memory", "compile"} <= suites, suites
+        assert {"layernorm", "cross_entropy", "linear_cross_entropy", "adamw", "train", "memory", "compile",
+                "fp8"} <= suites, suites
         assert json.loads(next(p for p in new if p.name.endswith("pytest-benchmark.json")).read_text())["benchmarks"]
     finally:
         for path in new:
