@@ -106,12 +106,15 @@ class Linear(nn.Linear):
 
             return fp8_linear(x, self.weight, self.bias, out_dtype=compute_dtype(x), main_grad=self.main_grad,
                               cached=self.fp8_weight)
-        if self.main_grad is not None and torch.is_grad_enabled() and self.copy_in_use(x):
+        if self.main_grad is not None and torch.is_grad_enabled() and self.copy_in_use(x):  # not FP8's
             return AccumulatedLinear.apply(x, self.weight_copy, self.bias, self.main_grad)
         return F.linear(x, self.weight, self.bias)
 
     def copy_in_use(self, x: torch.Tensor) -> bool:
-        """Whether a forward on `x` now computes in the copy's dtype."""
+        """Whether a forward on `x` now computes in the copy's dtype (never without a copy: an FP8
+        Linear keeps none, and its other forwards take F.linear's path)."""
+        if self.weight_copy is None:
+            return False
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type) == self.weight_copy.dtype
@@ -135,13 +138,15 @@ class GradAccumulation:
         self.copied = dtype is not None and dtype != torch.float32  # else each copy is its weight itself
         for m in self.modules.values():
             w = m.weight
-            m.weight_copy = torch.empty_like(w, dtype=dtype) if self.copied else w.detach()
             m.main_grad = torch.zeros_like(w, dtype=torch.float32)
-            if m.fp8:  # kernels.fp8: the weight's FP8 copies (1 B per weight each), remade with the copy
+            if m.fp8:  # kernels.fp8: the weight's FP8 copies (1 B per weight each) instead of a bf16 one
                 from gptfast.fp8 import E4M3
 
+                m.weight_copy = None
                 m.fp8_weight = (torch.empty_like(w, dtype=E4M3), w.new_empty(w.shape[::-1], dtype=E4M3),
                                 w.new_empty((), dtype=torch.float32))
+            else:
+                m.weight_copy = torch.empty_like(w, dtype=dtype) if self.copied else w.detach()
         self.refresh()
 
     def ignored_names(self, model: nn.Module) -> list[str]:
@@ -156,7 +161,7 @@ class GradAccumulation:
         """Every weight copy made anew from its weight (6 bytes per weight in bf16; an FP8 weight's
         copies from the fp32 weight, 4 + 4 B read and 2 B written)."""
         for m in self.modules.values():
-            if self.copied:
+            if self.copied and m.weight_copy is not None:
                 m.weight_copy.copy_(m.weight)
             if m.fp8_weight is not None:
                 from gptfast.fp8 import cast_weight

@@ -285,13 +285,13 @@ def predict_peak(cfg: Config, micro_batch_size: int, policy: str, every: int = 1
     per_token = (recomputed * activation_bytes_per_token(m, policy, act_bytes, ln, fp8)
                  + (m.n_layer - recomputed) * activation_bytes_per_token(m, "none", act_bytes, ln, fp8))
     vocab = m.vocab_size
-    # kernels.fp8: the weights its matmuls read in FP8 are not cast to bf16 by autocast; each has an
-    # e4m3 copy and its transpose (1 B a weight each): both kept from step to step with
-    # fused_grad_accum (which still keeps its bf16 copy too), else made at each forward, the
-    # transpose saved for backward
+    # kernels.fp8: the weights its matmuls read in FP8 have no bf16 copy (autocast's, or
+    # fused_grad_accum's); each has an e4m3 copy and its transpose (1 B a weight each): both kept
+    # from step to step with fused_grad_accum, else made at each forward, the transpose saved for
+    # backward
     fp8_params = (8 * m.n_embd ** 2 * m.n_layer if "mlp" in fp8 else 0) \
         + (m.padded_vocab_size * m.n_embd if "head" in fp8 else 0)
-    autocast_copies = n_params - (0 if cfg.kernels.fused_grad_accum else fp8_params)
+    autocast_copies = n_params - fp8_params
     head_input = 1 if "head" in fp8 and not fused_ce else act_bytes  # FP8: ln_f's output saved as e4m3
     parts = {
         "weights + grads": 8 * n_params,

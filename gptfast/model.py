@@ -566,10 +566,10 @@ class GPT(nn.Module):
         fp8 = head.fp8 and head.training and torch.is_grad_enabled()  # kernels.fp8 "head": its chunks' matmuls
         if head.main_grad is not None and torch.is_grad_enabled() and self.loss_grad_scale and (
                 fp8 or head.copy_in_use(hidden)):
-            # kernels.fused_grad_accum: the head reads its once-per-step copy (FP8 or bf16) and adds
-            # its gradient into the buffer itself (which needs the trainer's promise of the upstream
-            # gradient)
-            weight, into = head.weight_copy, head.main_grad
+            # kernels.fused_grad_accum: the head reads its once-per-step copy (bf16, or FP8 beside the
+            # weight, which then only gives the shapes) and adds its gradient into the buffer itself
+            # (which needs the trainer's promise of the upstream gradient)
+            weight, into = head.weight if fp8 else head.weight_copy, head.main_grad
         return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight,
                                             targets.reshape(-1), n_classes=self.config.vocab_size,
                                             compute_dtype=compute_dtype, softcap=self.config.logit_softcap,

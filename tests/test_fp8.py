@@ -232,13 +232,16 @@ def test_fp8_head_inside_the_fused_loss_equals_the_fp8_linear_head(arch):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fp8_with_fused_grad_accum_equals_fp8_alone(fused_loss, dtype):
     """The FP8 copies made once per step are the casts a forward would make, and the fp32 weight
-    gradient lands in the buffer: gradients equal FP8 without the fused accumulation."""
+    gradient lands in the buffer: gradients equal FP8 without the fused accumulation. An FP8 Linear
+    keeps no bf16 copy; the others keep theirs."""
     want_losses, want, _ = fp8_model_grads("head+mlp", fused_loss, fused=False, dtype=dtype)
     got_losses, got, model = fp8_model_grads("head+mlp", fused_loss, fused=True, dtype=dtype)
     assert got_losses == want_losses
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8, msg=name)
-    assert model.transformer.h[0].mlp.c_fc.fp8_weight is not None
+    block = model.transformer.h[0]
+    assert block.mlp.c_fc.fp8_weight is not None and block.mlp.c_fc.weight_copy is None
+    assert model.lm_head.weight_copy is None and block.attn.c_attn.weight_copy is not None
 
 
 @pytest.mark.parametrize("policy", ["selective", "full"])
