@@ -53,11 +53,6 @@ def bwd_stages(block: int) -> int:
 
 
 @triton.jit
-def _add_pair(a1, a2, b1, b2):
-    return a1 + b1, a2 + b2
-
-
-@triton.jit
 def _layer_norm_fwd_kernel(
     # data ptrs
     x_ptr,  # (n_rows, n_cols) input
@@ -141,8 +136,7 @@ def _layer_norm_bwd_kernel(
 ):
     # Each program walks its rows_per_program rows in tiles of BLOCK_ROWS, keeping fp32 partial
     # sums for dweight / dbias in registers; the partials are summed once after the launch. The
-    # loop is pipelined (NUM_STAGES), and the row's two sums are one joint reduction: one trip
-    # through shared memory per tile, not two.
+    # loop is pipelined (NUM_STAGES).
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)  # (C,)
     col_mask = cols < n_cols
@@ -168,8 +162,9 @@ def _layer_norm_bwd_kernel(
             c1 = tl.sum(xhat * g, axis=1) / n_cols  # (R,)
             ds = (g - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c1, c2 = tl.reduce((xhat * g, g), 1, _add_pair)  # (R,) each
-            ds = (g - (xhat * (c1 / n_cols)[:, None] + (c2 / n_cols)[:, None])) * rstd[:, None]
+            c1 = tl.sum(xhat * g, axis=1) / n_cols  # (R,)
+            c2 = tl.sum(g, axis=1) / n_cols  # (R,)
+            ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS_IN:
             ds += tl.load(ds_in_ptr + rows[:, None] * stride_ds_in_row + cols[None, :], mask=mask,
                           other=0.0).to(tl.float32)
