@@ -9,7 +9,7 @@ the same numbers, without the interpreter's hours. Verdict: FP8's
 mean final val loss lies within bf16's seed spread (its minimum to its maximum), and each FP8
 seed's loss is within that spread widened by half of it.
 
-    python -m bench.fp8_loss                # the protocol (about 20 minutes on a 2-core CPU)
+    python -m bench.fp8_loss                # the protocol (about 25 minutes on a busy 2-core CPU)
     python -m bench.fp8_loss --steps 20     # a rehearsal
 
 Writes bench/results/fp8-loss_cpu_<time>.json: every run's final val loss and curve, the spread,
