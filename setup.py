@@ -20,7 +20,10 @@ setup(
         # pytest-xdist: the suite on every core (`pytest -n 2`); the benchmarks run without it
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-xdist>=3"],
         # transformers: to load an exported checkpoint there (the tests check that it loads)
-        "hf": ["transformers>=4.40"],
+        # <5.25: transformers 5.25 requires Hugging Face's `kernels` distribution, whose top-level
+        # package `kernels` collides with ours (transformers then imports ours and fails; or theirs
+        # shadows ours). gptfast/__init__.py names the collision if it happens anyway.
+        "hf": ["transformers>=4.40,<5.25"],
         # [log] backends
         "tensorboard": ["tensorboard>=2.12"],
         "wandb": ["wandb>=0.16"],

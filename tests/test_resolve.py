@@ -88,3 +88,22 @@ def test_fp8_on_a_gpu_before_ada_or_at_an_odd_width_is_refused(tiny_config, monk
     else:
         resolve.check_fp8(cfg, torch.device("cuda"))
     resolve.check_fp8(dataclasses.replace(cfg, kernels=KernelsConfig()), torch.device("cuda"))  # off: nothing asked
+
+
+def test_a_foreign_kernels_package_is_named_at_import(tmp_path):
+    """Hugging Face's `kernels` distribution has our kernels/'s import name: where it comes first on
+    sys.path, importing gptfast says so in one line instead of failing later inside a Triton op."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    code = f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]; import gptfast"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert run.returncode != 0
+    assert "the package `kernels` Python imports is" in run.stderr and "shadows it" in run.stderr
+    ok = subprocess.run([sys.executable, "-c", f"import sys; sys.path[:0] = [{str(REPO)!r}]; import gptfast"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ok.returncode == 0, ok.stderr
