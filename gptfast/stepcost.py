@@ -136,7 +136,10 @@ def _linear_cross_entropy(func, args, kwargs) -> tuple[str, float, float, float,
     if named.get("weight_fp8") is None:
         return "matmuls", flops, work, logits + _nbytes(hidden) + _nbytes(weight), 0.0
     casts = n * c * (2 * hidden.element_size() + 2) + (n * v * (2 * item + 2) if grads else 0)
-    return "fp8 matmuls", flops, work, logits, casts
+    # the GEMMs' 1 B operands: the rows (and their transpose), the weight's copy (and its transpose),
+    # and with the gradients the logits' gradient and its transpose
+    operands = (n * c + v * c) * (2 if grads else 1) + (2 * n * v if grads else 0)
+    return "fp8 matmuls", flops, work, logits + operands, casts
 
 
 CUSTOM_MATMULS = {"gptfast::linear_cross_entropy_fwd": _linear_cross_entropy,

@@ -176,3 +176,26 @@ def test_kernels_fp8_moves_the_mlp_and_head_matmuls_to_the_fp8_rate_and_counts_t
     # an inverse scale written per cast: 3 per Linear; the fused loss's own (rows, gradients) are inside it
     inverse_scales = 4 * (3 * 2 * L + (1 if fused_loss else 3))
     assert m.bytes["fp8 casts"] == mlp + weights + head + inverse_scales
+
+
+def test_the_fused_fp8_head_reads_its_one_byte_operands_instead_of_the_bf16_weight():
+    """The fused loss in FP8: its loss bytes are the chunk logits' traffic plus the GEMMs' 1 B
+    operands (rows and weight copy, each with its transpose, and the logits' gradient pair), not
+    the bf16 path's hidden and fp32 weight reads."""
+    import torch
+
+    from gptfast import stepcost
+    from kernels.cross_entropy import _linear_ce_fwd_op
+
+    n, c, v = 64, 32, 128
+    named = {"hidden": torch.empty(n, c, dtype=torch.bfloat16), "weight": torch.empty(v, c),
+             "targets": torch.empty(n, dtype=torch.long), "ignore_index": -100, "reduction": "mean",
+             "compute_dtype": torch.bfloat16, "chunk_bytes": 0, "want_grads": True, "n_classes": v, "softcap": 0.0,
+             "grad_scale": 1.0}
+    func = _linear_ce_fwd_op._opoverload
+    args = [named[a.name] for a in func._schema.arguments if a.name in named]
+    bf16 = stepcost._linear_cross_entropy(func, args, {})
+    fp8 = stepcost._linear_cross_entropy(func, args, {"weight_fp8": torch.empty(v, c, dtype=torch.float8_e4m3fn)})
+    logits = n * v * 2 * 5
+    assert bf16[0] == "matmuls" and bf16[3] == logits + n * c * 2 + v * c * 4
+    assert fp8[0] == "fp8 matmuls" and fp8[3] == logits + 2 * (n * c + v * c) + 2 * n * v
